@@ -1,0 +1,228 @@
+"""The ``lf2`` command: one sub-command per stage plus data tools, the local runner and the pipeline.
+
+Every stage sub-command takes ``--config RECIPE`` (a name in configs/ or a YAML path) and any number of
+``--set key=value`` overrides, then calls the matching function in ``lf2core.stages``. Errors caused by
+bad input are printed as one ``lf2: error: ...`` line naming the file/key/URI, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any, Callable, Optional
+
+from .config import Config, ConfigError, load_config
+from .errors import Lf2Error
+
+log = logging.getLogger("lf2")
+
+
+def _cfg(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.set)
+
+
+def _call(module: str, func: str) -> Callable[..., Any]:
+    return getattr(importlib.import_module(module), func)
+
+
+def _print_metrics(metrics: Any) -> None:
+    if metrics is not None:
+        print(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+
+
+# ----------------------------------------------------------------------------------------- handlers
+def _data_synth(args: argparse.Namespace) -> int:
+    stats = _call("lf2core.data.synthetic", "write_domain")(
+        args.domain, args.out, ids=args.ids, test_ids=args.test_ids, seed=args.seed,
+        height=args.height, width=args.width,
+    )
+    _print_metrics(stats)
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    return _call("lf2core.data.datasets", "check_main")(args.root, args.format, open_images=not args.no_images)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    _print_metrics(_call("lf2core.stages.prepare", "prepare_data")(_cfg(args), args.out))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    _print_metrics(_call("lf2core.stages.pretrain", "pretrain_source")(_cfg(args), args.data, args.out))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    _print_metrics(
+        _call("lf2core.stages.extract", "extract_features")(_cfg(args), args.data, args.model, args.out, split=args.split)
+    )
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    _print_metrics(_call("lf2core.stages.cluster", "cluster")(_cfg(args), args.features, args.out, round_index=args.round))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    _print_metrics(
+        _call("lf2core.stages.finetune", "finetune")(
+            _cfg(args), args.data, args.labels, args.model, args.out, round_index=args.round
+        )
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    _print_metrics(_call("lf2core.stages.evaluate", "evaluate")(_cfg(args), args.data, args.model, args.out))
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    _print_metrics(
+        _call("lf2core.stages.register", "register")(_cfg(args), args.model, args.metrics, run_id=args.run_id)
+    )
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    return _call("lf2core.tracking", "promote_main")(
+        version=args.version, alias=args.alias, min_map=args.min_map, force=args.force, model_name=args.model_name,
+        tracking_uri=args.tracking_uri,
+    )
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    _print_metrics(_call("lf2core.stages.run_local", "run_local")(_cfg(args), args.out, data=args.data, source_model=args.source_model))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    # lf2core never imports kfp itself: the pipeline package owns that dependency.
+    return _call("pipelines.cli", "main")(args.pipeline_args)
+
+
+# ----------------------------------------------------------------------------------------- parser
+def _add_cfg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default="demo", help="recipe name in configs/ or a YAML path (default: demo)")
+    p.add_argument(
+        "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set finetune.rounds=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lf2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write one synthetic domain in the Market-1501 layout")
+    p.add_argument("--domain", choices=["a", "b"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ids", type=int, default=200, help="training identities (default 200)")
+    p.add_argument("--test-ids", type=int, default=100, help="query/gallery identities (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
+    p.set_defaults(func=_data_synth)
+    p = data.add_parser("check", help="print split statistics; non-zero exit naming each bad file")
+    p.add_argument("root")
+    p.add_argument("--format", default=None, help="market1501 | dukemtmc | msmt17 | folder (default: detect)")
+    p.add_argument("--no-images", action="store_true", help="parse names only, do not open images")
+    p.set_defaults(func=_data_check)
+
+    p = sub.add_parser("prepare", help="stage prepare-data: write the dataset manifest (and synthetic data)")
+    _add_cfg(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("pretrain", help="stage pretrain-source: supervised training on the source domain")
+    _add_cfg(p)
+    p.add_argument("--data", required=True, help="prepare-data output (manifest directory)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("extract", help="stage extract-features: fusion features of a split")
+    _add_cfg(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help="pretrain or finetune output")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="target_train")
+    p.set_defaults(func=_extract)
+
+    p = sub.add_parser("cluster", help="stage cluster: pseudo labels from the three feature sets")
+    _add_cfg(p)
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(func=_cluster)
+
+    p = sub.add_parser("finetune", help="stage finetune: one round of mean-teacher training")
+    _add_cfg(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--model", required=True, help="pretrain output (round 0) or previous finetune output")
+    p.add_argument("--out", required=True)
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("evaluate", help="stage evaluate: mAP/CMC of the teacher on the target test split")
+    _add_cfg(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("register", help="stage register: log the teacher to MLflow and register it")
+    _add_cfg(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--metrics", required=True, help="evaluate output")
+    p.add_argument("--run-id", default=None, help="MLflow run to attach to (default: a new run)")
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser("promote", help="move the champion alias to a better registered version")
+    p.add_argument("--version", default=None, help="version to promote (default: the 'candidate' alias)")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--min-map", type=float, default=None, help="refuse below this target mAP (fraction)")
+    p.add_argument("--force", action="store_true", help="promote without comparing with the champion")
+    p.add_argument("--model-name", default="lf2-reid")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("run-local", help="the whole method in one process (prepare .. evaluate)")
+    _add_cfg(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="existing prepare-data output (default: prepare it)")
+    p.add_argument("--source-model", default=None, help="existing pretrain output (default: pretrain)")
+    p.set_defaults(func=_run_local)
+
+    p = sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", add_help=False)
+    p.add_argument("pipeline_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_pipeline)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (Lf2Error, ConfigError) as e:
+        print(f"lf2: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lf2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
