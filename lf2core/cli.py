@@ -21,7 +21,7 @@ log = logging.getLogger("lf2")
 
 
 def _cfg(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.set)
+    return args.cfg
 
 
 def _call(module: str, func: str) -> Callable[..., Any]:
@@ -215,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if hasattr(args, "set"):  # validate the config before importing anything heavy
+            args.cfg = load_config(args.config, args.set)
         return int(args.func(args) or 0)
     except (Lf2Error, ConfigError) as e:
         print(f"lf2: error: {e}", file=sys.stderr)
