@@ -1,33 +1,59 @@
-"""Where stage inputs come from and outputs go: local paths (the embedded default) and s3:// URIs.
+"""Where stage inputs come from and outputs go: local paths (``file://`` allowed) and ``s3://`` URIs.
 
 Every stage goes through these few functions, so a stage never knows which backend it talks to:
 
-- ``local_path(uri)``: a local ``Path`` for an input file or directory (s3:// is downloaded into a cache).
+- ``local_path(uri)``: a local ``Path`` for an input file or directory. An s3:// file or prefix is
+  downloaded once into a cache (``set_cache_dir`` / ``$LF2_CACHE_DIR`` / ``~/.cache/lf2``), keyed by the
+  URI and the objects' ETags, and committed to the cache atomically.
 - ``output_dir(uri)``: context manager giving a local scratch directory; on success its contents are
-  committed to ``uri`` atomically (local: rename; s3: every object uploaded, then a ``_COMPLETE`` marker
-  last), on failure nothing is left at ``uri``.
-- ``read_bytes / write_bytes / exists / join``: single objects; writes are atomic.
+  committed to ``uri`` (local: one rename; s3: every file uploaded - multipart for big ones - then a
+  ``_COMPLETE`` marker last). On failure nothing new is committed.
+- ``read_bytes / write_bytes / exists / join / is_complete / list_files / upload_file``.
 
-NOTE: this first version implements local paths only; s3:// support (boto3) is added behind the same
-functions.
+S3 goes through boto3 only here. The endpoint and credentials come from the standard AWS environment
+and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws/config`` ...), so MinIO, moto or
+any S3-compatible store works. A single S3 object only ever becomes visible complete (PUT and
+CompleteMultipartUpload are atomic); transient errors are retried with exponential backoff
+(``$LF2_S3_MAX_ATTEMPTS``, default 5). Errors are raised as ``StorageError`` naming the URI, e.g.
+``s3://bucket/key: bucket does not exist``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .errors import StorageError
 
+log = logging.getLogger(__name__)
+
 COMPLETE_MARKER = "_COMPLETE"
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; bigger files are uploaded in parts
+MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+
+T = TypeVar("T")
+_cache_dir_override: Optional[Path] = None
+_client: Any = None
+_client_key: Optional[tuple] = None
 
 
+# ============================================================================================ generic
 def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+def _strip_file(uri: str) -> str:
+    uri = str(uri)
+    return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
 def join(uri: str, *parts: str) -> str:
@@ -36,39 +62,307 @@ def join(uri: str, *parts: str) -> str:
     if is_remote(uri):
         out = uri.rstrip("/")
         for p in parts:
-            out += "/" + str(p).strip("/")
+            p = str(p).strip("/")
+            if p:
+                out += "/" + p
         return out
-    return str(Path(uri, *parts))
+    return str(Path(_strip_file(uri), *parts))
 
 
-def _require_local(uri: str) -> Path:
-    if is_remote(uri):
-        raise StorageError(f"{uri}: s3:// storage is not available in this build")
-    return Path(uri)
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; raises ``StorageError`` for a malformed URI."""
+    if not is_remote(uri):
+        raise StorageError(f"{uri}: not an s3:// URI")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: missing bucket name")
+    return bucket, key
 
 
+def set_cache_dir(path: Optional[str | os.PathLike]) -> None:
+    """Where ``local_path`` downloads s3:// inputs (``cfg.data.cache_dir``); ``None``/"" = default."""
+    global _cache_dir_override
+    _cache_dir_override = Path(path).expanduser() if path else None
+
+
+def cache_dir() -> Path:
+    if _cache_dir_override is not None:
+        return _cache_dir_override
+    env = os.environ.get("LF2_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lf2"
+
+
+# ============================================================================================ S3 plumbing
+def _s3() -> Any:
+    """A boto3 S3 client configured from the standard AWS environment (cached per environment)."""
+    global _client, _client_key
+    key = tuple(os.environ.get(k) for k in (
+        "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "LF2_S3_MAX_ATTEMPTS",
+    ))
+    if _client is None or key != _client_key:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        attempts = int(os.environ.get("LF2_S3_MAX_ATTEMPTS", "5"))
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+        _client = boto3.session.Session().client(
+            "s3",
+            region_name=region,
+            config=BotoConfig(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10,
+                              read_timeout=120),
+        )
+        _client_key = key
+    return _client
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE,
+                          max_concurrency=4, use_threads=True)
+
+
+def _error_code(exc: BaseException) -> str:
+    resp = getattr(exc, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    if not code:
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = str(status or "")
+    return code
+
+
+def _translate(exc: BaseException, uri: str) -> StorageError:
+    """A boto3/botocore exception -> one clear ``StorageError`` naming ``uri``."""
+    from botocore import exceptions as bexc
+
+    code = _error_code(exc)
+    if not code and exc.__cause__ is not None:  # boto3's S3UploadFailedError wraps the ClientError
+        code = _error_code(exc.__cause__)
+    text = str(exc)
+    if code == "NoSuchBucket" or "NoSuchBucket" in text:
+        bucket = uri[5:].split("/", 1)[0]
+        return StorageError(f"{uri}: bucket '{bucket}' does not exist")
+    if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                "AllAccessDisabled") or "AccessDenied" in text or "(403)" in text:
+        return StorageError(f"{uri}: access denied ({code or 'forbidden'}); check the S3 credentials and "
+                            f"bucket policy")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return StorageError(f"{uri}: no such object")
+    if isinstance(exc, bexc.NoCredentialsError):
+        return StorageError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                            f"or an AWS profile)")
+    if isinstance(exc, (bexc.EndpointConnectionError, bexc.ConnectionError)):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint ({exc})")
+    return StorageError(f"{uri}: S3 error {code or type(exc).__name__}: {exc}")
+
+
+def _transient(exc: BaseException) -> bool:
+    from botocore import exceptions as bexc
+
+    if isinstance(exc, (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
+                        bexc.ConnectTimeoutError)):
+        return True
+    code = _error_code(exc)
+    return code in ("500", "502", "503", "504", "InternalError", "SlowDown", "ServiceUnavailable",
+                    "RequestTimeout", "Throttling")
+
+
+def _retry(uri: str, fn: Callable[[], T]) -> T:
+    """Run an S3 operation; transient failures are retried with exponential backoff + jitter.
+
+    botocore already retries single requests; this outer loop also covers whole transfers (a multipart
+    upload whose connection dropped). Non-transient errors are translated at once.
+    """
+    attempts = max(1, int(os.environ.get("LF2_S3_MAX_ATTEMPTS", "5")))
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:
+            if not type(e).__module__.startswith(("boto3", "botocore", "s3transfer")):
+                raise
+            if attempt < attempts and _transient(e):
+                delay = min(20.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                log.warning("%s: transient S3 error (%s), retry %d/%d in %.1fs", uri, e, attempt, attempts - 1,
+                            delay)
+                time.sleep(delay)
+                continue
+            raise _translate(e, uri) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _head(uri: str) -> Optional[dict]:
+    """HEAD an object; None if it does not exist (a missing bucket raises)."""
+    bucket, key = split_s3(uri)
+    if not key:
+        return None
+
+    def op() -> Optional[dict]:
+        from botocore.exceptions import ClientError
+
+        try:
+            return _s3().head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                # HEAD on a missing bucket is also 404: tell the two apart
+                _check_bucket(uri)
+                return None
+            raise
+
+    return _retry(uri, op)
+
+
+def _check_bucket(uri: str) -> None:
+    bucket, _ = split_s3(uri)
+    from botocore.exceptions import ClientError
+
+    try:
+        _s3().head_bucket(Bucket=bucket)
+    except ClientError as e:
+        if _error_code(e) in ("404", "NoSuchBucket", "NotFound"):
+            raise StorageError(f"{uri}: bucket '{bucket}' does not exist") from None
+        raise
+
+
+def _list(uri: str) -> list[dict]:
+    """All objects under the prefix ``uri/`` (dicts with Key, Size, ETag)."""
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+
+    def op() -> list[dict]:
+        out: list[dict] = []
+        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out.extend(page.get("Contents", []))
+        return out
+
+    return _retry(uri, op)
+
+
+# ============================================================================================ API
 def exists(uri: str) -> bool:
-    return _require_local(uri).exists()
+    """True if ``uri`` is an existing file/object or a non-empty directory/prefix."""
+    uri = str(uri)
+    if not is_remote(uri):
+        return Path(_strip_file(uri)).exists()
+    if _head(uri) is not None:
+        return True
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    resp = _retry(uri, lambda: _s3().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1))
+    return resp.get("KeyCount", 0) > 0
+
+
+def list_files(uri: str) -> list[str]:
+    """Relative paths of all files below a directory or prefix (sorted)."""
+    uri = str(uri)
+    if not is_remote(uri):
+        root = Path(_strip_file(uri))
+        if not root.is_dir():
+            raise StorageError(f"{uri}: not a directory")
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    _, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    return sorted(o["Key"][len(prefix):] for o in _list(uri))
+
+
+def _cache_slot(uri: str, fingerprint: str) -> Path:
+    h = hashlib.sha256(uri.encode()).hexdigest()[:20]
+    return cache_dir() / "s3" / h / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
 def local_path(uri: str) -> Path:
-    """A local path holding the file or directory ``uri`` (downloaded first when remote)."""
-    p = _require_local(uri)
-    if not p.exists():
-        raise StorageError(f"{uri}: no such file or directory")
-    return p
+    """A local path holding the file or directory ``uri`` (downloaded to the cache first when remote).
+
+    The cache entry is keyed by the URI and the ETags of its objects, so a changed object is fetched
+    again; an entry appears only complete (downloaded into a temp dir, then renamed).
+    """
+    uri = str(uri)
+    if not is_remote(uri):
+        p = Path(_strip_file(uri))
+        if not p.exists():
+            raise StorageError(f"{uri}: no such file or directory")
+        return p
+    head = _head(uri)
+    bucket, key = split_s3(uri)
+    if head is not None:  # a single object
+        slot = _cache_slot(uri, f"file:{head.get('ETag')}:{head.get('ContentLength')}")
+        target = slot / Path(key).name
+        if target.is_file():
+            return target
+        _download_into(slot, [(key, Path(key).name)], uri, bucket)
+        return target
+    objects = _list(uri)
+    if not objects:
+        raise StorageError(f"{uri}: no such object or prefix")
+    prefix = key.rstrip("/") + "/" if key else ""
+    listing = sorted((o["Key"], o.get("ETag", ""), o.get("Size", 0)) for o in objects)
+    slot = _cache_slot(uri, "dir:" + json.dumps(listing))
+    target = slot / "d"
+    if target.is_dir():
+        return target
+    _download_into(slot, [(k, "d/" + k[len(prefix):]) for k, _, _ in listing if not k.endswith("/")], uri, bucket)
+    return target
+
+
+def _download_into(slot: Path, items: list[tuple[str, str]], uri: str, bucket: str) -> None:
+    """Download ``(key, relative_dest)`` pairs into ``slot`` atomically (temp sibling, then rename)."""
+    slot.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{slot.name}.", suffix=".partial", dir=slot.parent))
+    try:
+        cfg = _transfer_config()
+        for key, rel in items:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _retry(f"s3://{bucket}/{key}",
+                   lambda key=key, dest=dest: _s3().download_file(bucket, key, str(dest), Config=cfg))
+        try:
+            os.replace(tmp, slot)
+        except OSError:
+            if not slot.exists():  # a concurrent reader won the race otherwise
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_bytes(uri: str) -> bytes:
-    p = local_path(uri)
-    if p.is_dir():
-        raise StorageError(f"{uri}: is a directory, expected a file")
-    return p.read_bytes()
+    uri = str(uri)
+    if not is_remote(uri):
+        p = local_path(uri)
+        if p.is_dir():
+            raise StorageError(f"{uri}: is a directory, expected a file")
+        return p.read_bytes()
+    bucket, key = split_s3(uri)
+    if not key:
+        raise StorageError(f"{uri}: is a bucket, expected an object")
+
+    def op() -> bytes:
+        return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    try:
+        return _retry(uri, op)
+    except StorageError as e:
+        if "no such object" in str(e):
+            _check_bucket(uri)
+            if exists(uri):
+                raise StorageError(f"{uri}: is a prefix (directory), expected an object") from None
+        raise
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically (temp name in the same directory, then rename)."""
-    p = _require_local(uri)
+    """Write ``data`` to ``uri`` atomically (local: temp name + rename; s3: a single PUT)."""
+    uri = str(uri)
+    if is_remote(uri):
+        bucket, key = split_s3(uri)
+        if not key:
+            raise StorageError(f"{uri}: missing object key")
+        _retry(uri, lambda: _s3().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    p = Path(_strip_file(uri))
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
@@ -81,14 +375,54 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def upload_file(path: str | os.PathLike, uri: str) -> None:
+    """Upload one local file to ``uri`` (multipart above ``MULTIPART_THRESHOLD``; local: atomic copy)."""
+    uri = str(uri)
+    if not is_remote(uri):
+        dest = Path(_strip_file(uri))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    bucket, key = split_s3(uri)
+    cfg = _transfer_config()
+    _retry(uri, lambda: _s3().upload_file(str(path), bucket, key, Config=cfg))
+
+
+def _delete_keys(uri: str, bucket: str, keys: list[str]) -> None:
+    for i in range(0, len(keys), 1000):
+        chunk = [{"Key": k} for k in keys[i:i + 1000]]
+        _retry(uri, lambda chunk=chunk: _s3().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True}))
+
+
 @contextlib.contextmanager
 def output_dir(uri: str) -> Iterator[Path]:
     """Yield a scratch directory; commit it to ``uri`` only if the block succeeds.
 
-    A previous output at ``uri`` is replaced as a whole. A ``_COMPLETE`` marker is written last, so a
-    reader (or KFP's cache) never mistakes a half-written output for a finished one.
+    Local: a previous output at ``uri`` is replaced as a whole by a rename. S3: the previous
+    ``_COMPLETE`` marker is removed first, every file is uploaded (multipart for big ones), objects
+    of a previous output that are not part of the new one are deleted, and ``_COMPLETE`` is written
+    last - a reader (or KFP's cache) that checks ``is_complete`` never takes a partial output.
     """
-    dest = _require_local(uri)
+    uri = str(uri)
+    if is_remote(uri):
+        bucket, key = split_s3(uri)
+        _check_bucket_or_raise(uri)
+        tmp = Path(tempfile.mkdtemp(prefix="lf2-out-"))
+        try:
+            yield tmp
+            _commit_s3(tmp, uri, bucket, key)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    dest = Path(_strip_file(uri))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
@@ -106,6 +440,37 @@ def output_dir(uri: str) -> Iterator[Path]:
         raise
 
 
+def _check_bucket_or_raise(uri: str) -> None:
+    """Fail before the (possibly long) stage runs if the output bucket is missing or unreachable."""
+    _retry(uri, lambda: _check_bucket(uri))
+
+
+def _commit_s3(tmp: Path, uri: str, bucket: str, key: str) -> None:
+    prefix = key.rstrip("/") + "/" if key else ""
+    marker = prefix + COMPLETE_MARKER
+    _retry(uri, lambda: _s3().delete_object(Bucket=bucket, Key=marker))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    new_keys = {prefix + str(p.relative_to(tmp)).replace(os.sep, "/") for p in files}
+    for p in files:
+        upload_file(p, f"s3://{bucket}/{prefix}{p.relative_to(tmp).as_posix()}")
+    stale = [o["Key"] for o in _list(uri) if o["Key"] not in new_keys and o["Key"] != marker]
+    if stale:
+        _delete_keys(uri, bucket, stale)
+    _retry(uri, lambda: _s3().put_object(Bucket=bucket, Key=marker, Body=b"ok\n"))
+
+
 def is_complete(uri: str) -> bool:
     """True if ``uri`` is an output directory committed by ``output_dir``."""
     return exists(join(uri, COMPLETE_MARKER))
+
+
+def copy_tree(src: str, dest: str) -> None:
+    """Copy a local or s3:// directory to ``dest`` through ``output_dir`` (atomic commit)."""
+    root = local_path(src)
+    with output_dir(dest) as out:
+        if root.is_dir():
+            shutil.copytree(root, out, dirs_exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                (out / COMPLETE_MARKER).unlink()
+        else:
+            shutil.copy2(root, out / root.name)
