@@ -1,0 +1,121 @@
+"""Identity-balanced P x K batch sampler that prefers images from different cameras.
+
+Each batch holds P = batch_size // num_instances distinct identities with K = num_instances images each
+(a triplet loss needs positives and negatives in every batch). Identities are drawn by walking through a
+shuffled list of all identities (reshuffled when used up), so every identity is seen about equally often.
+An identity's K images are taken round-robin over its cameras (cameras in random order, images shuffled
+within each camera), so a batch covers min(K, #cameras) distinct cameras of that identity; only an
+identity with fewer than K images repeats images (drawn with replacement from its own images).
+Labels < 0 (clustering outliers) are never sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class IdentityBatchSampler:
+    """Batch sampler (for ``DataLoader(batch_sampler=...)``) yielding ``num_batches`` lists of indices.
+
+    Args:
+        labels: [N] int identity / pseudo labels; entries < 0 are never sampled.
+        camids: [N] int camera ids.
+        batch_size: images per batch; P = batch_size // num_instances identities per batch.
+        num_instances: K images per identity.
+        num_batches: batches per iteration over the sampler (``len()``).
+        seed: the sequence of batches is a function of (seed, epoch) only. The epoch advances by one on
+            every ``iter()`` (or is set with ``set_epoch``), so successive epochs differ but are reproducible.
+
+    If there are fewer than P identities with a non-negative label, every batch uses all of them (a warning
+    is logged); fewer than 2 identities raise DataError (no negatives for a triplet loss).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        camids: Sequence[int] | np.ndarray,
+        batch_size: int,
+        num_instances: int,
+        num_batches: int,
+        seed: int = 0,
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        camids = np.asarray(camids, dtype=np.int64).reshape(-1)
+        if labels.shape != camids.shape:
+            raise DataError(f"sampler: {labels.size} labels but {camids.size} camids")
+        if num_instances < 1 or batch_size < num_instances:
+            raise DataError(f"sampler: need batch_size ({batch_size}) >= num_instances ({num_instances}) >= 1")
+        if num_batches < 1:
+            raise DataError(f"sampler: num_batches must be >= 1, got {num_batches}")
+        self.num_instances = int(num_instances)
+        self.num_batches = int(num_batches)
+        self.seed = int(seed)
+        self.epoch = 0
+        valid = np.flatnonzero(labels >= 0)
+        self.identities = np.unique(labels[valid])
+        if len(self.identities) < 2:
+            raise DataError(
+                f"sampler: {len(self.identities)} identity with a non-negative label; at least 2 are needed"
+            )
+        p = batch_size // num_instances
+        if len(self.identities) < p:
+            log.warning("sampler: only %d identities for %d per batch; using %d per batch",
+                        len(self.identities), p, len(self.identities))
+            p = len(self.identities)
+        self.num_identities_per_batch = p
+        # per identity: list of per-camera index arrays
+        order = valid[np.lexsort((camids[valid], labels[valid]))]
+        self._by_identity: list[list[np.ndarray]] = []
+        id_bounds = np.flatnonzero(np.diff(labels[order])) + 1
+        for group in np.split(order, id_bounds):
+            cam_bounds = np.flatnonzero(np.diff(camids[group])) + 1
+            self._by_identity.append(np.split(group, cam_bounds))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` produce the batches of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def _instances(self, rng: np.random.Generator, cams: list[np.ndarray]) -> list[int]:
+        """K indices of one identity: round-robin over its cameras, then with replacement if too few."""
+        k = self.num_instances
+        queues = [list(rng.permutation(c)) for c in cams]
+        queues = [queues[i] for i in rng.permutation(len(queues))]
+        picked: list[int] = []
+        while len(picked) < k and queues:
+            for q in queues:
+                if len(picked) == k:
+                    break
+                picked.append(int(q.pop()))
+            queues = [q for q in queues if q]
+        if len(picked) < k:
+            pool = np.concatenate(cams)
+            picked += [int(i) for i in rng.choice(pool, size=k - len(picked), replace=True)]
+        return picked
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        n_ids, p = len(self._by_identity), self.num_identities_per_batch
+        queue: list[int] = []
+        for _ in range(self.num_batches):
+            chosen: list[int] = []
+            while len(chosen) < p:
+                if not queue:
+                    # a fresh pass over the identities, avoiding ones already in this batch
+                    fresh = [int(i) for i in rng.permutation(n_ids) if int(i) not in chosen]
+                    queue = fresh[::-1]
+                chosen.append(queue.pop())
+            batch: list[int] = []
+            for ident in chosen:
+                batch += self._instances(rng, self._by_identity[ident])
+            yield batch
