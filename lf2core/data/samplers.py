@@ -2,7 +2,8 @@
 
 Each batch holds P = batch_size // num_instances distinct identities with K = num_instances images each
 (a triplet loss needs positives and negatives in every batch). Identities are drawn by walking through a
-shuffled list of all identities (reshuffled when used up), so every identity is seen about equally often.
+shuffled list of all identities (reshuffled when used up), so after any number of batches the identities'
+counts differ by at most one.
 An identity's K images are taken round-robin over its cameras (cameras in random order, images shuffled
 within each camera), so a batch covers min(K, #cameras) distinct cameras of that identity; only an
 identity with fewer than K images repeats images (drawn with replacement from its own images).
@@ -111,9 +112,13 @@ class IdentityBatchSampler:
             chosen: list[int] = []
             while len(chosen) < p:
                 if not queue:
-                    # a fresh pass over the identities, avoiding ones already in this batch
-                    fresh = [int(i) for i in rng.permutation(n_ids) if int(i) not in chosen]
-                    queue = fresh[::-1]
+                    # a fresh pass over all identities; those already in this batch are moved just past
+                    # the ones this batch still needs, so every pass holds every identity exactly once
+                    perm = [int(i) for i in rng.permutation(n_ids)]
+                    taken = set(chosen)
+                    free = [i for i in perm if i not in taken]
+                    need = p - len(chosen)
+                    queue = (free[:need] + [i for i in perm if i in taken] + free[need:])[::-1]
                 chosen.append(queue.pop())
             batch: list[int] = []
             for ident in chosen:
