@@ -1,0 +1,234 @@
+"""Pseudo labels (DBSCAN on the sparse Jaccard distance, or MiniBatchKMeans) and cluster statistics."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Literal, Optional
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+from .jaccard import jaccard_distance, normalize_rows
+from .knn import _as_features
+
+log = logging.getLogger(__name__)
+
+Method = Literal["dbscan", "kmeans"]
+OutlierPolicy = Literal["drop", "singleton"]
+
+
+# ------------------------------------------------------------------------------------------ DBSCAN
+def dbscan_precomputed(dist: sp.csr_matrix, eps: float = 0.6, min_samples: int = 4) -> np.ndarray:
+    """DBSCAN on a sparse precomputed distance matrix; labels identical to ``sklearn.cluster.DBSCAN``.
+
+    Same semantics as sklearn with ``metric="precomputed"`` on a sparse matrix: only stored entries
+    (explicit zeros included) with distance ``<= eps`` are neighbours, a point is its own neighbour
+    when its diagonal entry is ``<= eps`` (an absent diagonal counts as 0), a point with ``>= min_samples`` neighbours is a core point. Core points connected through
+    core-to-core edges form a cluster; clusters are numbered in the order of their lowest core index
+    (sklearn's scan order); a border point joins the lowest-numbered cluster among its core neighbours
+    (the first cluster sklearn's depth-first expansion reaches it from); everything else is -1.
+
+    Vectorised: neighbour counts by ``bincount``, clusters by
+    ``scipy.sparse.csgraph.connected_components`` — no per-point Python loop, no neighbourhood lists.
+
+    Args:
+        dist: ``[N, N]`` CSR (or any sparse) distance matrix, row ``i`` = distances from ``i``.
+    Returns:
+        ``[N]`` int64 labels, -1 = outlier.
+    """
+    if not sp.issparse(dist) or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dbscan_precomputed: expected a square sparse matrix, got {getattr(dist, 'shape', None)}")
+    if min_samples < 1:
+        raise ValueError(f"dbscan_precomputed: min_samples must be >= 1, got {min_samples}")
+    dist = sp.csr_matrix(dist)
+    n = dist.shape[0]
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(dist.indptr))
+    cols = dist.indices.astype(np.int64)
+    close = (dist.data <= eps) & (rows != cols)  # the point itself is counted separately, once
+    rows, cols = rows[close], cols[close]
+    # as sklearn: the diagonal is the point's distance to itself (absent = 0); 0 for a Jaccard matrix
+    n_neigh = np.bincount(rows, minlength=n) + (dist.diagonal() <= eps)
+    core = n_neigh >= min_samples
+    labels = np.full(n, -1, dtype=np.int64)
+    if not core.any():
+        return labels
+    # clusters: components of the core -> core graph (sklearn follows the rows of core points)
+    cc = core[rows] & core[cols]
+    g = sp.csr_matrix((np.ones(int(cc.sum()), dtype=np.int8), (rows[cc], cols[cc])), shape=(n, n))
+    _, comp = connected_components(g, directed=True, connection="weak")
+    core_idx = np.flatnonzero(core)
+    # number the components of core points by their lowest core index
+    first = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first, comp[core_idx], core_idx)
+    used = np.flatnonzero(first < n)
+    order = used[np.argsort(first[used], kind="stable")]
+    rename = np.full(n, -1, dtype=np.int64)
+    rename[order] = np.arange(len(order), dtype=np.int64)
+    labels[core_idx] = rename[comp[core_idx]]
+    # border points: reached from a core point's row; take the lowest cluster number
+    bd = core[rows] & ~core[cols]
+    if bd.any():
+        best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(best, cols[bd], labels[rows[bd]])
+        hit = best != np.iinfo(np.int64).max
+        labels[hit] = best[hit]
+    return labels
+
+
+# ------------------------------------------------------------------------------------------ k-means
+def kmeans_labels(
+    features: np.ndarray,
+    num_clusters: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 300,
+    max_iter: int = 100,
+    n_init: int = 1,
+    init_size: Optional[int] = None,
+) -> np.ndarray:
+    """MiniBatchKMeans labels as the paper (K given, n_init explicit, seeded). ``[N, d]`` -> ``[N]`` int64.
+
+    ``init_size`` None -> sklearn's default (3 * batch_size); it is raised to ``num_clusters`` when
+    smaller (sklearn would silently use 3 * K) and capped at N.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = _as_features(features)
+    n = x.shape[0]
+    if num_clusters is None or isinstance(num_clusters, bool) or int(num_clusters) < 2:
+        raise ValueError(f"pseudo_labels(method='kmeans'): num_clusters must be an integer >= 2, got {num_clusters!r}")
+    num_clusters = int(num_clusters)
+    if num_clusters > n:
+        raise ValueError(f"pseudo_labels(method='kmeans'): num_clusters={num_clusters} exceeds the {n} samples")
+    if init_size is not None:
+        init_size = int(min(max(init_size, num_clusters), n))
+    km = MiniBatchKMeans(
+        n_clusters=num_clusters,
+        batch_size=batch_size,
+        max_iter=max_iter,
+        n_init=n_init,
+        init_size=init_size,
+        random_state=seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return km.fit_predict(x).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ public
+def pseudo_labels(
+    features: np.ndarray,
+    method: Method = "dbscan",
+    *,
+    k1: int = 30,
+    k2: int = 6,
+    eps: float = 0.6,
+    min_samples: int = 4,
+    num_clusters: Optional[int] = None,
+    seed: int = 0,
+    kmeans_batch_size: int = 300,
+    kmeans_max_iter: int = 100,
+    kmeans_n_init: int = 1,
+    kmeans_init_size: Optional[int] = None,
+    knn_backend: str = "auto",
+    progress: bool = False,
+) -> np.ndarray:
+    """Pseudo labels of the rows of ``features`` ``[N, d]`` -> ``[N]`` int64 (-1 = DBSCAN outlier).
+
+    ``method="dbscan"``: DBSCAN(eps, min_samples) on :func:`jaccard_distance` (k1, k2), sparse.
+    ``method="kmeans"``: MiniBatchKMeans with ``num_clusters`` clusters on the L2-normalised features
+    (``kmeans_*``: batch size, max iterations, n_init, init_size), seeded with ``seed``; no outliers.
+    Outliers are kept as -1: see :func:`apply_outlier_policy`.
+    """
+    if method == "dbscan":
+        if not 0.0 < eps:
+            raise ValueError(f"pseudo_labels: eps must be > 0, got {eps}")
+        dist = jaccard_distance(features, k1=k1, k2=k2, knn_backend=knn_backend, progress=progress)
+        return dbscan_precomputed(dist, eps=eps, min_samples=min_samples)
+    if method == "kmeans":
+        return kmeans_labels(
+            normalize_rows(features), num_clusters, seed=seed, batch_size=kmeans_batch_size,  # type: ignore[arg-type]
+            max_iter=kmeans_max_iter, n_init=kmeans_n_init, init_size=kmeans_init_size,
+        )
+    raise ValueError(f"pseudo_labels: unknown method {method!r} (expected 'dbscan' or 'kmeans')")
+
+
+def apply_outlier_policy(labels: np.ndarray, policy: OutlierPolicy) -> np.ndarray:
+    """Apply the outlier policy to labels with -1 outliers; returns a new int64 array.
+
+    ``"drop"``: labels unchanged (-1 stays; samplers never draw labels < 0).
+    ``"singleton"``: every outlier gets a class of its own, numbered after the largest label.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    if policy == "drop":
+        return labels.copy()
+    if policy == "singleton":
+        out = labels.copy()
+        mask = out < 0
+        start = int(out.max()) + 1 if (~mask).any() else 0
+        out[mask] = start + np.arange(int(mask.sum()), dtype=np.int64)
+        return out
+    raise ValueError(f"apply_outlier_policy: unknown policy {policy!r} (expected 'drop' or 'singleton')")
+
+
+def _pairs(counts: np.ndarray) -> float:
+    c = counts.astype(np.float64)
+    return float(np.sum(c * (c - 1.0) / 2.0))
+
+
+def cluster_stats(labels: np.ndarray, true_ids: Optional[np.ndarray] = None,
+                  camids: Optional[np.ndarray] = None) -> dict:
+    """Statistics of a labelling ``[N]`` (-1 = outlier), O(N) via contingency tables.
+
+    Returns ``num_clusters``, ``num_samples``, ``outlier_ratio``, ``size_hist`` (``[[size, count], ...]``
+    over clusters, sizes ascending) and, when ``true_ids`` ``[N]`` are given:
+
+    - ``nmi``, ``ari``: sklearn NMI (arithmetic) / ARI of clusters vs identities over the clustered
+      (non-outlier) samples; 0.0 when nothing is clustered;
+    - ``pairwise_precision`` = same-cluster pairs that share the identity / same-cluster pairs,
+      ``pairwise_recall`` = same-identity pairs that share a cluster / same-identity pairs, over all
+      samples (an outlier pairs with nobody, so outliers lower recall); 0.0 when a denominator is 0;
+
+    and when ``camids`` ``[N]`` are given ``nmi_camera``: NMI of clusters vs camera ids over the clustered
+    samples (high = clusters follow cameras rather than identities).
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"cluster_stats: labels must be a 1-D integer array, got {lab.dtype} {lab.shape}")
+    n = len(lab)
+    clustered = lab >= 0
+    _, sizes = np.unique(lab[clustered], return_counts=True)
+    hist_sizes, hist_counts = np.unique(sizes, return_counts=True)
+    stats: dict = {
+        "num_samples": int(n),
+        "num_clusters": int(len(sizes)),
+        "outlier_ratio": float(1.0 - clustered.mean()) if n else 0.0,
+        "size_hist": [[int(s), int(c)] for s, c in zip(hist_sizes, hist_counts)],
+    }
+    if true_ids is not None:
+        t = np.asarray(true_ids)
+        if t.shape != lab.shape:
+            raise ValueError(f"cluster_stats: true_ids shape {t.shape} != labels shape {lab.shape}")
+        if clustered.any():
+            stats["nmi"] = float(normalized_mutual_info_score(t[clustered], lab[clustered]))
+            stats["ari"] = float(adjusted_rand_score(t[clustered], lab[clustered]))
+        else:
+            stats["nmi"] = stats["ari"] = 0.0
+        # contingency table of (cluster, identity) over clustered samples
+        _, cell = np.unique(np.stack([lab[clustered], t[clustered]]), axis=1, return_counts=True)
+        _, id_sizes = np.unique(t, return_counts=True)
+        tp, pred, true = _pairs(cell), _pairs(sizes), _pairs(id_sizes)
+        stats["pairwise_precision"] = tp / pred if pred > 0 else 0.0
+        stats["pairwise_recall"] = tp / true if true > 0 else 0.0
+    if camids is not None:
+        c = np.asarray(camids)
+        if c.shape != lab.shape:
+            raise ValueError(f"cluster_stats: camids shape {c.shape} != labels shape {lab.shape}")
+        stats["nmi_camera"] = (
+            float(normalized_mutual_info_score(c[clustered], lab[clustered])) if clustered.any() else 0.0
+        )
+    return stats

@@ -1,0 +1,223 @@
+"""Sparse k-reciprocal Jaccard distance + DBSCAN against a dense reference implementation.
+
+``dense_jaccard_reference`` below is written straight from the reference semantics
+(/work/shared/docs/lf2-method.md; SpCL's ``compute_jaccard_distance``): dense N x N matrices and
+per-row Python loops. It is only usable for small N; bench/cluster.py also imports it to time the
+reference algorithm at Market-1501 size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.cluster import DBSCAN
+
+from lf2core.cluster import dbscan_precomputed, jaccard_distance, pseudo_labels
+from lf2core.cluster.jaccard import build_v, expansion_sets, reciprocal_pairs
+
+
+# ------------------------------------------------------------------------------------ reference
+def _k_reciprocal(initial_rank: np.ndarray, i: int, k: int) -> np.ndarray:
+    forward = initial_rank[i, : k + 1]
+    backward = initial_rank[forward, : k + 1]
+    return forward[np.where(backward == i)[0]]
+
+
+def brute_initial_rank(x: np.ndarray, k1: int) -> np.ndarray:
+    """k1 nearest neighbours by inner product with a full argsort (float64), ``[N, k1]``."""
+    x = x.astype(np.float64)
+    return np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :k1]
+
+
+def dense_jaccard_reference(features: np.ndarray, k1: int = 30, k2: int = 6, initial_rank=None,
+                            dtype=np.float64, return_v: bool = False):
+    """The reference algorithm, dense: returns the ``[N, N]`` Jaccard distance (and V if asked)."""
+    x = np.asarray(features, dtype=np.float64)
+    n = x.shape[0]
+    if initial_rank is None:
+        initial_rank = brute_initial_rank(x, k1)
+    nn_k1 = [_k_reciprocal(initial_rank, i, k1) for i in range(n)]
+    nn_k1_half = [_k_reciprocal(initial_rank, i, int(np.around(k1 / 2))) for i in range(n)]
+    V = np.zeros((n, n), dtype=dtype)
+    for i in range(n):
+        k_reciprocal_index = nn_k1[i]
+        expansion = k_reciprocal_index
+        for candidate in k_reciprocal_index:
+            cand_index = nn_k1_half[candidate]
+            if len(np.intersect1d(cand_index, k_reciprocal_index)) > 2 / 3 * len(cand_index):
+                expansion = np.append(expansion, cand_index)
+        expansion = np.unique(expansion)
+        dist = 2 - 2 * (x[i] @ x[expansion].T)
+        w = np.exp(-dist - np.max(-dist))
+        V[i, expansion] = w / w.sum()
+    if k2 != 1:
+        V_qe = np.zeros_like(V)
+        for i in range(n):
+            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
+        V = V_qe
+    inv_index = [np.where(V[:, i] != 0)[0] for i in range(n)]
+    jaccard = np.zeros((n, n), dtype=dtype)
+    for i in range(n):
+        temp_min = np.zeros(n, dtype=dtype)
+        nonzero = np.where(V[i, :] != 0)[0]
+        for c in nonzero:
+            rows = inv_index[c]
+            temp_min[rows] = temp_min[rows] + np.minimum(V[i, c], V[rows, c])
+        jaccard[i] = 1 - temp_min / (2 - temp_min)
+    jaccard[jaccard < 0] = 0.0
+    return (jaccard, V) if return_v else jaccard
+
+
+def clustered_features(n_ids: int, per_id: tuple[int, int], d: int, noise: float, seed: int) -> np.ndarray:
+    """Random identities with a variable number of noisy samples each, L2-normalised float32."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(per_id[0], per_id[1] + 1, size=n_ids)
+    centers = rng.standard_normal((n_ids, d))
+    x = np.repeat(centers, sizes, axis=0) + noise * rng.standard_normal((int(sizes.sum()), d))
+    x = x[rng.permutation(len(x))]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def as_dense(dist: sp.csr_matrix) -> np.ndarray:
+    """Sparse Jaccard -> dense, absent entries = 1 (explicit zeros kept)."""
+    coo = dist.tocoo()
+    out = np.ones(dist.shape)
+    out[coo.row, coo.col] = coo.data
+    return out
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def feats() -> np.ndarray:
+    return clustered_features(n_ids=45, per_id=(3, 14), d=24, noise=0.9, seed=3)
+
+
+CASES = [(30, 6), (20, 6), (13, 1), (7, 3)]
+
+
+@pytest.fixture(scope="module")
+def references(feats):
+    return {case: dense_jaccard_reference(feats, *case, return_v=True) for case in CASES}
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_initial_rank_has_self_first(feats):
+    rank = brute_initial_rank(feats, 30)
+    assert np.array_equal(rank[:, 0], np.arange(len(feats)))
+
+
+def test_reciprocal_pairs_match_per_row_definition(feats):
+    rank = brute_initial_rank(feats, 30)
+    for k in (30, 15, 4):
+        rows, cols = reciprocal_pairs(rank, k)
+        for i in range(0, len(feats), 7):
+            assert list(cols[rows == i]) == list(_k_reciprocal(rank, i, k))
+
+
+def test_expansion_branch_is_exercised_and_matches(feats):
+    """E(i) from the vectorised triplet test == the reference loop, and it does expand some rows."""
+    k1 = 20
+    rank = brute_initial_rank(feats, k1)
+    rows, cols = expansion_sets(rank, k1)
+    expanded = 0
+    for i in range(len(feats)):
+        r1 = _k_reciprocal(rank, i, k1)
+        exp = r1
+        for c in r1:
+            rc = _k_reciprocal(rank, c, int(np.around(k1 / 2)))
+            if len(np.intersect1d(rc, r1)) > 2 / 3 * len(rc):
+                exp = np.append(exp, rc)
+        exp = np.unique(exp)
+        expanded += len(exp) > len(r1)
+        assert np.array_equal(cols[rows == i], exp)
+    assert expanded > len(feats) // 10  # the 2/3 expansion actually adds neighbours on this data
+
+
+@pytest.mark.parametrize("k1,k2", CASES)
+def test_v_matches_reference(feats, references, k1, k2):
+    from lf2core.cluster.knn import knn
+
+    sims, rank = knn(feats, k1)
+    v = build_v(feats, rank, sims, k1, k2).toarray()
+    _, v_ref = references[(k1, k2)]
+    assert np.array_equal(v > 0, v_ref > 0)
+    np.testing.assert_allclose(v, v_ref, atol=1e-6)
+    np.testing.assert_allclose(v.sum(axis=1), 1.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("k1,k2", CASES)
+def test_jaccard_matches_dense_reference(feats, references, k1, k2):
+    dist = jaccard_distance(feats, k1=k1, k2=k2)
+    jac_ref, v_ref = references[(k1, k2)]
+    assert isinstance(dist, sp.csr_matrix) and dist.shape == (len(feats),) * 2
+    # stored pattern == pairs sharing a column of V (diagonal included, explicit zeros kept)
+    share = ((v_ref > 0).astype(np.int64) @ (v_ref > 0).T.astype(np.int64)) > 0
+    stored = np.zeros_like(share)
+    coo = dist.tocoo()
+    stored[coo.row, coo.col] = True
+    assert np.array_equal(stored, share)
+    assert np.all(np.diff(coo.row) >= 0) and dist.has_sorted_indices
+    np.testing.assert_allclose(as_dense(dist), jac_ref, atol=1e-5, rtol=0)
+    assert abs(dist - dist.T).max() == 0  # exactly symmetric
+    assert 0 < (jac_ref < 0.6).mean() < 0.2  # non-trivial: some but not all pairs are close
+    assert share.mean() < 1.0  # some pairs share no column (distance exactly 1, not stored)
+
+
+@pytest.mark.parametrize("k1,k2", CASES)
+@pytest.mark.parametrize("eps,min_samples", [(0.6, 4), (0.45, 3), (0.7, 6)])  # off the exact tie values (0.5 = 1 - (2/3)/(4/3) occurs)
+def test_dbscan_partition_identical_to_sklearn_on_dense_reference(feats, references, k1, k2, eps, min_samples):
+    jac_ref, _ = references[(k1, k2)]
+    expected = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(jac_ref)
+    got = pseudo_labels(feats, "dbscan", k1=k1, k2=k2, eps=eps, min_samples=min_samples)
+    assert got.dtype == np.int64
+    assert np.array_equal(got, expected)
+    if (k1, k2, eps, min_samples) == (30, 6, 0.6, 4):
+        assert 5 <= expected.max() + 1 and (expected == -1).any()  # clusters and outliers both occur
+
+
+def test_dbscan_precomputed_matches_sklearn_with_border_points():
+    """Random symmetric sparse graphs where many points are border points of several clusters."""
+    rng = np.random.default_rng(0)
+    for trial in range(15):
+        n = int(rng.integers(20, 120))
+        dense = rng.uniform(0.0, 1.0, size=(n, n))
+        dense = np.minimum(dense, dense.T)
+        keep = rng.uniform(size=(n, n)) < rng.uniform(0.03, 0.2)
+        keep = keep | keep.T
+        np.fill_diagonal(keep, trial % 2 == 0)  # with and without a stored diagonal
+        dense[rng.uniform(size=(n, n)) < 0.01] = 0.0  # explicit zero distances
+        dense = np.minimum(dense, dense.T)
+        graph = sp.csr_matrix((dense[keep], np.nonzero(keep)), shape=(n, n))
+        for eps, ms in ((0.3, 2), (0.5, 3), (0.6, 5)):
+            expected = DBSCAN(eps=eps, min_samples=ms, metric="precomputed").fit_predict(graph)
+            assert np.array_equal(dbscan_precomputed(graph, eps, ms), expected), (trial, eps, ms)
+
+
+def test_fewer_samples_than_k1():
+    x = clustered_features(n_ids=4, per_id=(3, 5), d=8, noise=0.5, seed=1)
+    ref = dense_jaccard_reference(x, k1=len(x), k2=3)  # the reference needs k1 <= N
+    np.testing.assert_allclose(as_dense(jaccard_distance(x, k1=50, k2=3)), ref, atol=1e-5)
+
+
+def test_unnormalised_input_is_normalised(feats):
+    a = jaccard_distance(feats, k1=20, k2=6)
+    b = jaccard_distance(feats * 3.0, k1=20, k2=6)
+    assert np.array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.data, b.data, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((5,)), "2-D"),
+    (np.full((4, 3), np.nan), "NaN"),
+    (np.zeros((4, 3)), "all-zero"),
+    (np.ones((4, 3), dtype=np.int64), "floating"),
+])
+def test_bad_features_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        jaccard_distance(bad)
+
+
+def test_bad_k_raises(feats):
+    with pytest.raises(ValueError, match="k1"):
+        jaccard_distance(feats, k1=0)
