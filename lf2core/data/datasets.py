@@ -78,6 +78,10 @@ class Splits:
     root: str = ""
     local_root: str = ""
 
+    def __repr__(self) -> str:
+        n = ", ".join(f"{s}={len(self.split(s))}" for s in SPLIT_NAMES)
+        return f"Splits(name={self.name!r}, root={self.root!r}, {n})"
+
     def split(self, which: str) -> list[Sample]:
         if which not in SPLIT_NAMES:
             raise DataError(f"unknown split '{which}' (valid: {', '.join(SPLIT_NAMES)})")
