@@ -388,3 +388,6 @@ def test_s3_root_and_manifest(tmp_path: Path, s3_env: str) -> None:
     assert m["source"].root == uri
     assert [x[1:] for x in m["target"].train] == [x[1:] for x in s.train]
     assert all(os.path.isfile(x.path) for x in m["source"].train)
+    # written straight to an s3:// prefix as well
+    manifest.write_manifest(f"s3://{s3_env}/direct", s, s)
+    assert manifest.read_manifest(f"s3://{s3_env}/direct/manifest.json")["target"].query == m["target"].query

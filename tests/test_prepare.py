@@ -124,8 +124,8 @@ def test_real_formats(tmp_path: Path) -> None:
         "query": ["0002_c2s1_000301_00.jpg"],
         "bounding_box_test": ["0002_c4s1_000700_00.jpg", "-1_c1s1_000001_00.jpg"],
     })
-    cfg = load_config("demo", [f"data.source.name=dukemtmc", f"data.source.root={tmp_path / 'duke'}",
-                               f"data.target.name=market1501", f"data.target.root={tmp_path / 'market'}"])
+    cfg = load_config("demo", ["data.source.name=dukemtmc", f"data.source.root={tmp_path / 'duke'}",
+                               "data.target.name=market1501", f"data.target.root={tmp_path / 'market'}"])
     metrics = prepare_data(cfg, str(tmp_path / "out"))
     assert metrics == {
         "source_train_images": 3, "source_train_ids": 2, "source_train_cameras": 3,

@@ -53,17 +53,17 @@ def manifest_dict(source: Splits, target: Splits) -> dict[str, Any]:
     return {"version": MANIFEST_VERSION, "source": _domain(source, "source"), "target": _domain(target, "target")}
 
 
-def write_manifest(out_dir: str | os.PathLike, source: Splits, target: Splits) -> Path:
-    """Write ``out_dir/manifest.json`` atomically; returns its path.
+def write_manifest(out_dir: str | os.PathLike, source: Splits, target: Splits) -> str:
+    """Write ``out_dir/manifest.json`` (local or s3://) atomically; returns its location.
 
     ``Splits.root`` is what is recorded as each root; sample paths are stored relative to
     ``Splits.local_root`` (``root`` when empty), so data staged in a scratch directory can be recorded
     under its final location.
     """
-    path = Path(out_dir) / MANIFEST_NAME
+    uri = storage.join(str(out_dir), MANIFEST_NAME)
     data = json.dumps(manifest_dict(source, target), separators=(",", ":")).encode()
-    storage.write_bytes(str(path), data)
-    return path
+    storage.write_bytes(uri, data)
+    return uri
 
 
 def _fail(uri: str, key: str, msg: str) -> DataError:
