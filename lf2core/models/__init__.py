@@ -3,7 +3,7 @@
 from .backbone import ARCHS, build_backbone
 from .lf2 import ChannelAttention, Fuse, LF2Model, LF2Output, build_student, set_bn_eval
 from .source import SourceModel
-from .teacher import MeanTeacher, build_target_model, load_mean_teacher
+from .teacher import MeanTeacher, build_target_model, load_mean_teacher, load_target_model, save_mean_teacher
 
 __all__ = [
     "ARCHS",
@@ -17,5 +17,7 @@ __all__ = [
     "build_student",
     "build_target_model",
     "load_mean_teacher",
+    "load_target_model",
+    "save_mean_teacher",
     "set_bn_eval",
 ]

@@ -125,3 +125,62 @@ def load_mean_teacher(
     if fuse_state:
         fuse.load_state_dict(fuse_state)
     return MeanTeacher(student, fuse, teacher)
+
+
+# --------------------------------------------------------------------------------------- files
+STUDENT_FILE = "student.pt"
+TEACHER_FILE = "teacher.pt"
+SOURCE_FILE = "model.pt"
+
+
+def save_mean_teacher(mt: MeanTeacher, out_dir: str, cfg: Any, extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a finetune output's weights: ``out_dir/student.pt`` (keys ``student.*`` and ``fuse.*``) and
+    ``out_dir/teacher.pt`` (the teacher's bare ``LF2Model`` keys), both lf2 checkpoints of kind ``lf2``
+    with ``num_parts`` / ``attention_reduction`` / ``last_stride`` recorded."""
+    from .. import storage
+    from ..checkpoint import save_checkpoint
+
+    meta = {
+        "num_parts": mt.student.num_parts,
+        "attention_reduction": mt.student.reduction,
+        "last_stride": mt.student.last_stride,
+        **dict(extra or {}),
+    }
+    s_state = {**{f"student.{k}": v for k, v in mt.student.state_dict().items()},
+               **{f"fuse.{k}": v for k, v in mt.fuse.state_dict().items()}}
+    save_checkpoint(storage.join(out_dir, STUDENT_FILE), s_state, "lf2", cfg,
+                    extra={"arch": mt.student.arch, "num_classes": mt.student.num_classes, **meta})
+    save_checkpoint(storage.join(out_dir, TEACHER_FILE), mt.teacher, "lf2", cfg, extra=meta)
+
+
+def load_target_model(cfg: Any, model_uri: str) -> tuple[MeanTeacher, str]:
+    """The ``MeanTeacher`` held by a stage output: a pretrain output (``model.pt``, kind ``source``: the
+    round-0 model built with ``build_target_model``) or a finetune output (``student.pt`` + ``teacher.pt``,
+    kind ``lf2``). Returns ``(model, kind)``; ``CheckpointError`` naming the location otherwise."""
+    import copy as _copy
+
+    from .. import storage
+    from ..checkpoint import load_checkpoint
+    from ..errors import CheckpointError
+
+    s_uri, t_uri = storage.join(model_uri, STUDENT_FILE), storage.join(model_uri, TEACHER_FILE)
+    src_uri = storage.join(model_uri, SOURCE_FILE)
+    if storage.exists(s_uri) and storage.exists(t_uri):
+        s, t = load_checkpoint(s_uri, kind="lf2"), load_checkpoint(t_uri, kind="lf2")
+        mt = load_mean_teacher(
+            s["state_dict"], t["state_dict"], s["arch"],
+            num_parts=int(s.get("num_parts", cfg.model.num_parts)),
+            reduction=int(s.get("attention_reduction", cfg.model.attention_reduction)),
+            last_stride=int(s.get("last_stride", cfg.model.last_stride)),
+        )
+        return mt, "lf2"
+    if storage.exists(src_uri):
+        ck = load_checkpoint(src_uri, kind="source")
+        if ck["arch"] != cfg.model.arch:
+            cfg = _copy.deepcopy(cfg)
+            cfg.model.arch = ck["arch"]
+        return build_target_model(cfg, ck), "source"
+    raise CheckpointError(
+        f"model {model_uri}: neither a pretrain output ({SOURCE_FILE}) nor a finetune output "
+        f"({STUDENT_FILE} + {TEACHER_FILE})"
+    )
