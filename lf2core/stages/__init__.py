@@ -7,7 +7,9 @@ call the same functions. Stages only exchange files, in these documented formats
 
 ``prepare_data(cfg, out)``
     out/manifest.json  {"version": 1, "source": DOMAIN, "target": DOMAIN} with
-    DOMAIN = {"name": str, "root": str (local path or s3:// URI), "train"|"query"|"gallery":
+    DOMAIN = {"name": str, "root": str (local path, s3:// URI, or a path relative to the folder holding
+    manifest.json, so an output generated in place still works after it is moved or uploaded),
+    "train"|"query"|"gallery":
     [[relative_path, pid, camid], ...]}.  Read it back with ``lf2core.data.manifest.read_manifest``.
 
 ``pretrain_source(cfg, data, out)``  data = a prepare_data output
