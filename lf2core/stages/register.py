@@ -1,0 +1,118 @@
+"""Stage ``register``: log the final teacher to MLflow as a PyTorch model and register it.
+
+``register(cfg, model, metrics, run_id=None)``
+
+- ``model``: a finetune output (directory holding ``teacher.pt``) or an lf2 checkpoint file (kind ``lf2``),
+  local path or s3:// URI;
+- ``metrics``: an evaluate output (directory holding ``metrics.json``) or the JSON file itself;
+- ``run_id``: the pipeline's MLflow run to log into (default: a new run).
+
+The logged model is the eval-mode ``LF2Model``: input float32 ``[B, 3, H, W]`` (normalised image),
+output the L2-normalised test feature ``[B, (K+1) * C]``. Its signature and an input example are stored
+with it, ``lf2core`` is bundled as code so ``mlflow.pytorch.load_model`` works without installing lf2.
+The version is tagged (recipe, source/target data, checkpoint, ``metric.<name>`` for every evaluation
+figure) and the alias ``candidate`` points at it; ``lf2 promote`` decides about ``champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .. import storage, tracking
+from ..checkpoint import load_checkpoint
+from ..config import Config
+from ..errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(uri: str, filename: str) -> str:
+    """``uri`` itself if it names a file, else ``uri/filename``."""
+    if str(uri).endswith((".pt", ".pth", ".json")):
+        return str(uri)
+    return storage.join(uri, filename)
+
+
+def load_eval_model(cfg: Config, model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The teacher of a finetune output as an eval-mode ``LF2Model`` (CPU) and its checkpoint dict."""
+    from ..models.lf2 import LF2Model
+
+    path = _resolve(model_uri, "teacher.pt")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "lf2":
+        raise CheckpointError(f"checkpoint {path}: kind {ckpt.get('kind')!r}, register expects an 'lf2' "
+                              f"teacher (a finetune output)")
+    mcfg = (ckpt.get("config") or {}).get("model", {})
+    net = LF2Model(
+        arch=ckpt["arch"],
+        num_classes=int(ckpt.get("num_classes") or cfg.cluster.num_clusters),
+        num_parts=int(mcfg.get("num_parts", cfg.model.num_parts)),
+        reduction=int(mcfg.get("attention_reduction", cfg.model.attention_reduction)),
+        weights="none",
+        last_stride=int(mcfg.get("last_stride", cfg.model.last_stride)),
+    )
+    try:
+        net.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: does not match LF2Model({ckpt['arch']}): {e}") from None
+    return net.eval(), ckpt
+
+
+def read_metrics(metrics_uri: str) -> dict[str, Any]:
+    path = _resolve(metrics_uri, "metrics.json")
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid metrics JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object of metrics")
+    return data
+
+
+def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None) -> dict[str, Any]:
+    """Log + register the teacher; returns ``{"registered", "name", "version", "model_uri", "mAP", ...}``."""
+    scores = read_metrics(metrics)
+    net, ckpt = load_eval_model(cfg, model)
+    h, w = cfg.data.height, cfg.data.width
+    example = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
+    tags: dict[str, Any] = {
+        "lf2.recipe": cfg.recipe,
+        "lf2.source": f"{cfg.data.source.name}:{cfg.data.source.root}",
+        "lf2.target": f"{cfg.data.target.name}:{cfg.data.target.root}",
+        "lf2.arch": ckpt["arch"],
+        "lf2.checkpoint": _resolve(model, "teacher.pt"),
+        "lf2.input": f"float32[B,3,{h},{w}] normalised RGB",
+    }
+    if "synthetic" in (cfg.data.source.name, cfg.data.target.name):
+        try:
+            from ..data.synthetic import GENERATOR_VERSION
+
+            tags["lf2.synthetic_generator"] = GENERATOR_VERSION
+        except ImportError:  # pragma: no cover - data package not installed
+            pass
+    for k, v in tracking.flatten_metrics(scores).items():
+        tags[f"metric.{k}"] = f"{v:.6g}"
+    pkg = Path(__file__).resolve().parent.parent
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "scipy"]
+    try:
+        import torchvision
+
+        reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
+    except ImportError:  # pragma: no cover
+        pass
+    info = tracking.log_and_register_model(
+        net, example, cfg=cfg, run_id=run_id or None, tags=tags, code_paths=[str(pkg)], pip_requirements=reqs,
+    )
+    out: dict[str, Any] = {"registered": info is not None, "mAP": scores.get("mAP")}
+    if info is not None:
+        out.update(info)
+        log.info("registered %s version %s (alias %s)", info["name"], info["version"], info["alias"])
+    else:
+        log.info("tracking disabled (LF2_TRACKING=off): model not registered")
+    return out

@@ -1,0 +1,473 @@
+"""MLflow 3 tracking, registry and promotion: the only lf2core module that imports mlflow.
+
+Layout in MLflow (chosen so that comparing pipeline runs in the UI is easy):
+
+- one MLflow run per pipeline run, in experiment ``cfg.tracking.experiment``; params = the resolved
+  config (``Config.flat()``, secrets masked), tags ``lf2.recipe``, ``lf2.source``, ``lf2.target``;
+- every stage logs into that run with ``step = round index``: ``pretrain/...`` (step = epoch),
+  ``cluster/<set>/clusters``, ``cluster/<set>/outlier_ratio``, ``cluster/<set>/nmi|ari``,
+  ``finetune/...`` losses, ``eval/mAP``, ``eval/R1`` ... so the metric charts show curves over rounds
+  and the runs table compares final values;
+- artifacts: ``config.yaml``, ``round_XX/cluster_stats.png``, ``eval/ranklist.png``, ``*/metrics.json``;
+- ``register`` logs the teacher as an MLflow PyTorch model (signature + input example), registers it
+  as ``lf2-reid``, tags the version with data/recipe/metrics and points the alias ``candidate`` at it;
+  ``promote`` moves ``champion`` only when the candidate beats the champion's target mAP (aliases, not
+  the deprecated stages).
+
+Tracking URI: ``cfg.tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``
+(artifacts of the local default in ``./mlartifacts``). ``LF2_TRACKING=off`` turns every function here
+into a no-op (returning ``None``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+from .errors import Lf2Error
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+CANDIDATE_ALIAS = "candidate"
+TARGET_METRIC = "mAP"
+
+_SECRET_KEY = re.compile(r"(key|secret|token|passw(or)?d|credential|auth)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:[^=&]*(?:key|secret|token|signature|password)[^=&]*)=)[^&\s]+")
+
+
+class TrackingError(Lf2Error):
+    """The tracking server/registry refused an operation, or the model/alias asked for does not exist."""
+
+
+# ============================================================================================ helpers
+def enabled() -> bool:
+    """False when ``LF2_TRACKING`` is ``off``/``0``/``false``/``no``."""
+    return os.environ.get("LF2_TRACKING", "on").strip().lower() not in ("off", "0", "false", "no", "disabled")
+
+
+def mask(value: Any, key: str = "") -> Any:
+    """Hide secrets: whole values of secret-looking keys, passwords in URIs, signed query strings."""
+    if key and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in ("", None):
+        return "***"
+    if isinstance(value, str):
+        value = _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        value = _SECRET_QUERY.sub(r"\1***", value)
+    return value
+
+
+def masked_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flat params with secrets masked and values stringified (MLflow stores params as strings)."""
+    out = {}
+    for k, v in params.items():
+        v = mask(v, k)
+        out[k] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"global": {"clusters": 3}}`` -> ``{"<prefix>/global/clusters": 3.0}``; non-numbers dropped."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten_metrics(v, name))
+        elif isinstance(v, bool):
+            out[name] = float(v)
+        elif isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[name] = float(v)
+        elif hasattr(v, "item") and getattr(v, "size", 2) == 1:  # numpy scalar
+            try:
+                f = float(v.item())
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(f):
+                out[name] = f
+    return {re.sub(r"[^A-Za-z0-9_\-. /]", "_", k): v for k, v in out.items()}
+
+
+def resolve_tracking_uri(cfg: Any = None, tracking_uri: Optional[str] = None) -> str:
+    uri = tracking_uri or (getattr(getattr(cfg, "tracking", None), "tracking_uri", "") if cfg is not None else "")
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def configure(cfg: Any = None, tracking_uri: Optional[str] = None, experiment: Optional[str] = None) -> Optional[str]:
+    """Point mlflow at the tracking store and make sure the experiment exists; returns its id.
+
+    A local store (sqlite/file) keeps artifacts in ``./mlartifacts`` (absolute path fixed when the
+    experiment is created); a server keeps its own artifact location (``--artifacts-destination``).
+    """
+    if not enabled():
+        return None
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg, tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    name = experiment or (cfg.tracking.experiment if cfg is not None else "lf2")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _is_local_store(uri):
+        location = Path(os.environ.get("LF2_MLFLOW_ARTIFACTS", DEFAULT_ARTIFACT_DIR)).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _client() -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+# ============================================================================================ runs
+def create_run(cfg: Any, run_name: Optional[str] = None, tags: Optional[Mapping[str, str]] = None,
+               experiment: Optional[str] = None) -> Optional[str]:
+    """Create the pipeline's parent run (not left active in this process); logs params and config.yaml."""
+    if not enabled():
+        return None
+    exp_id = configure(cfg, experiment=experiment)
+    all_tags = {"lf2.recipe": str(cfg.recipe), "lf2.source": f"{cfg.data.source.name}:{mask(cfg.data.source.root)}",
+                "lf2.target": f"{cfg.data.target.name}:{mask(cfg.data.target.root)}"}
+    all_tags.update(tags or {})
+    if run_name:
+        all_tags["mlflow.runName"] = run_name
+    run = _client().create_run(exp_id, tags=all_tags)
+    run_id = run.info.run_id
+    log_params(cfg.flat(), run_id=run_id)
+    log_text(_masked_yaml(cfg), "config.yaml", run_id=run_id)
+    return run_id
+
+
+def _masked_yaml(cfg: Any) -> str:
+    import yaml
+
+    def walk(d: Any, prefix: str = "") -> Any:
+        if isinstance(d, dict):
+            return {k: walk(v, f"{prefix}{k}.") for k, v in d.items()}
+        return mask(d, prefix.rstrip("."))
+
+    return yaml.safe_dump(walk(cfg.to_dict()), sort_keys=False)
+
+
+@contextlib.contextmanager
+def start_run(cfg: Any, run_name: Optional[str] = None, tags: Optional[Mapping[str, str]] = None,
+              run_id: Optional[str] = None) -> Iterator[Optional[str]]:
+    """Context: an active MLflow run (new, or ``run_id`` resumed) yielding its id; ``None`` if disabled.
+
+    The run ends FINISHED on success and FAILED if the block raises.
+    """
+    if not enabled():
+        yield None
+        return
+    import mlflow
+
+    configure(cfg)
+    if run_id is None:
+        run_id = create_run(cfg, run_name, tags)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run.info.run_id
+
+
+def end_run(run_id: Optional[str], status: str = "FINISHED") -> None:
+    if not enabled() or not run_id:
+        return
+    _client().set_terminated(run_id, status=status)
+
+
+def log_params(params: Mapping[str, Any], run_id: Optional[str] = None) -> None:
+    if not enabled():
+        return
+    run_id = run_id or _active_run_id()
+    if not run_id:
+        return
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in masked_params(params).items()]
+    for i in range(0, len(items), 100):
+        _client().log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(metrics: Mapping[str, Any], step: Optional[int] = None, run_id: Optional[str] = None,
+                prefix: str = "") -> dict[str, float]:
+    """Log the numeric leaves of ``metrics`` (nested dicts flattened with ``/``) at ``step``.
+
+    Returns the flat dict that was logged (empty when disabled or no run)."""
+    if not enabled():
+        return {}
+    run_id = run_id or _active_run_id()
+    if not run_id:
+        return {}
+    import time
+
+    from mlflow.entities import Metric
+
+    flat = flatten_metrics(metrics, prefix)
+    ts = int(time.time() * 1000)
+    items = [Metric(k, v, ts, int(step or 0)) for k, v in flat.items()]
+    for i in range(0, len(items), 500):
+        _client().log_batch(run_id, metrics=items[i:i + 500])
+    return flat
+
+
+def log_artifact(path: str | os.PathLike, artifact_path: Optional[str] = None, run_id: Optional[str] = None) -> None:
+    if not enabled():
+        return
+    run_id = run_id or _active_run_id()
+    if not run_id or not Path(path).exists():
+        return
+    if Path(path).is_dir():
+        _client().log_artifacts(run_id, str(path), artifact_path)
+    else:
+        _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(text: str, artifact_file: str, run_id: Optional[str] = None) -> None:
+    if not enabled():
+        return
+    run_id = run_id or _active_run_id()
+    if run_id:
+        _client().log_text(run_id, text, artifact_file)
+
+
+def set_tags(tags: Mapping[str, Any], run_id: Optional[str] = None) -> None:
+    if not enabled():
+        return
+    run_id = run_id or _active_run_id()
+    for k, v in (tags or {}).items():
+        if run_id:
+            _client().set_tag(run_id, k, str(mask(v, k)))
+
+
+def _active_run_id() -> Optional[str]:
+    if "mlflow" not in sys.modules:
+        return None
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def get_run_metrics(run_id: str) -> dict[str, float]:
+    """Latest value of every metric of a run (empty when disabled)."""
+    if not enabled():
+        return {}
+    return dict(_client().get_run(run_id).data.metrics)
+
+
+# ============================================================================================ registry
+def log_and_register_model(
+    model: Any,
+    input_example: Any,
+    *,
+    cfg: Any,
+    run_id: Optional[str] = None,
+    tags: Optional[Mapping[str, Any]] = None,
+    alias: str = CANDIDATE_ALIAS,
+    code_paths: Optional[list[str]] = None,
+    pip_requirements: Optional[list[str]] = None,
+) -> Optional[dict[str, Any]]:
+    """Log ``model`` (torch ``nn.Module`` in eval mode) as an MLflow PyTorch model with a signature
+    inferred from ``input_example`` (numpy float32 [1, 3, H, W]) -> output [1, D]; register it as
+    ``cfg.tracking.registered_model``; tag the version and point ``alias`` at it.
+
+    Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when tracking is off.
+    """
+    if not enabled():
+        return None
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    configure(cfg)
+    name = cfg.tracking.registered_model
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).detach().cpu().numpy()
+    signature = infer_signature(input_example, output)
+    own_run = run_id is None
+    if own_run:
+        run_id = create_run(cfg, run_name="register")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=signature, input_example=input_example,
+            registered_model_name=name, code_paths=code_paths, pip_requirements=pip_requirements,
+            serialization_format="pickle",  # torch.export (pt2) would specialise the batch size
+        )
+    version = str(info.registered_model_version)
+    client = _client()
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, str(mask(v, k)))
+    client.set_registered_model_alias(name, alias, version)
+    if own_run:
+        end_run(run_id)
+    return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
+            "alias": alias}
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    model_name: str
+    version: Optional[str] = None
+    alias: str = "champion"
+    candidate_metric: Optional[float] = None
+    champion_version: Optional[str] = None
+    champion_metric: Optional[float] = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def version_metric(model_name: str, version: str, metric: str = TARGET_METRIC) -> Optional[float]:
+    """The target metric of a registered version: its ``metric.<name>`` tag, else its run's ``eval/<name>``."""
+    client = _client()
+    mv = client.get_model_version(model_name, version)
+    tag = (mv.tags or {}).get(f"metric.{metric}")
+    if tag not in (None, ""):
+        try:
+            return float(tag)
+        except ValueError:
+            pass
+    if mv.run_id:
+        metrics = client.get_run(mv.run_id).data.metrics
+        for key in (f"eval/{metric}", metric):
+            if key in metrics:
+                return float(metrics[key])
+    return None
+
+
+def _version_by_alias(model_name: str, alias: str) -> Optional[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote(
+    version: Optional[str] = None,
+    alias: str = "champion",
+    min_map: Optional[float] = None,
+    force: bool = False,
+    model_name: str = "lf2-reid",
+    tracking_uri: Optional[str] = None,
+    metric: str = TARGET_METRIC,
+) -> PromotionDecision:
+    """Move ``alias`` to ``version`` (default: the ``candidate`` alias) if it earns it.
+
+    Gate (skipped with ``force``): the candidate's target mAP must be known, at least ``min_map`` when
+    given, and strictly greater than the current holder's mAP. The decision says why in ``reason``.
+    """
+    if not enabled():
+        return PromotionDecision(False, "tracking is disabled (LF2_TRACKING=off)", model_name, version, alias)
+    _set_uri(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        raise TrackingError(f"registered model '{model_name}' does not exist at "
+                            f"{mask(resolve_tracking_uri(tracking_uri=tracking_uri))}") from None
+    if version is None:
+        version = _version_by_alias(model_name, CANDIDATE_ALIAS)
+        if version is None:
+            raise TrackingError(f"model '{model_name}' has no '{CANDIDATE_ALIAS}' alias; pass --version")
+    try:
+        client.get_model_version(model_name, version)
+    except MlflowException:
+        raise TrackingError(f"model '{model_name}' has no version {version}") from None
+    cand = version_metric(model_name, version, metric)
+    holder = _version_by_alias(model_name, alias)
+    held = version_metric(model_name, holder, metric) if holder else None
+    d = PromotionDecision(False, "", model_name, version, alias, cand, holder, held)
+    if holder == version:
+        d.reason = f"version {version} already holds '{alias}'"
+        return d
+    if not force:
+        if cand is None:
+            d.reason = f"version {version} has no {metric} recorded; cannot compare (use --force)"
+            return d
+        if min_map is not None and cand < min_map:
+            d.reason = f"version {version} {metric} {cand:.4f} is below the floor {min_map:.4f}"
+            return d
+        if holder is not None and held is not None and not cand > held:
+            d.reason = (f"version {version} {metric} {cand:.4f} does not beat '{alias}' version {holder} "
+                        f"{metric} {held:.4f}")
+            return d
+    client.set_registered_model_alias(model_name, alias, version)
+    client.set_model_version_tag(model_name, version, f"lf2.promoted_to_{alias}", "forced" if force else "gated")
+    d.promoted = True
+    if force:
+        d.reason = f"forced: '{alias}' -> version {version}"
+    elif holder is None:
+        d.reason = f"no '{alias}' yet: version {version} ({metric} {cand:.4f}) becomes '{alias}'"
+    elif held is None:
+        d.reason = f"'{alias}' version {holder} has no {metric}: version {version} ({metric} {cand:.4f}) replaces it"
+    else:
+        d.reason = (f"version {version} {metric} {cand:.4f} beats version {holder} {metric} {held:.4f}: "
+                    f"'{alias}' -> {version}")
+    return d
+
+
+def _set_uri(tracking_uri: Optional[str]) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri=tracking_uri))
+
+
+def promote_main(version: Optional[str] = None, alias: str = "champion", min_map: Optional[float] = None,
+                 force: bool = False, model_name: str = "lf2-reid", tracking_uri: Optional[str] = None) -> int:
+    """``lf2 promote``: prints the decision; exit 0 if the alias moved (or already there), 1 if refused."""
+    d = promote(version, alias, min_map, force, model_name, tracking_uri)
+    word = "promoted" if d.promoted else "not promoted"
+    print(f"lf2 promote: {word}: {d.reason}")
+    if d.promoted or d.reason.endswith(f"already holds '{alias}'"):
+        return 0
+    return 1
+
+
+def describe_aliases(model_name: str = "lf2-reid") -> dict[str, str]:
+    """``{alias: version}`` of a registered model (empty when disabled or missing)."""
+    if not enabled():
+        return {}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = _client().get_registered_model(model_name)
+    except MlflowException:
+        return {}
+    return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def write_json_artifact(data: Mapping[str, Any], artifact_file: str, run_id: Optional[str] = None) -> None:
+    """Log a dict as a JSON artifact (e.g. ``eval/metrics.json``)."""
+    if not enabled():
+        return
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(artifact_file).name
+        p.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+        parent = str(Path(artifact_file).parent)
+        log_artifact(p, None if parent == "." else parent, run_id=run_id)
