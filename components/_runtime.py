@@ -1,0 +1,156 @@
+"""Helpers the KFP components call inside their container/subprocess (imported lazily there).
+
+Kept out of the component bodies so each component stays a few typed lines; this module never imports
+kfp (the artifacts are duck-typed: ``.path``, ``.uri``, ``.metadata``, ``.log_metric``).
+
+Where a stage output lives:
+
+- no object-store prefix: in the KFP artifact's own path (kfp.local: under the pipeline root; Kubeflow:
+  the launcher uploads it to the pipeline root bucket);
+- with ``object_prefix`` (``s3://bucket/prefix``): at ``<prefix>/<stage>/<key>`` where ``key`` hashes the
+  stage inputs (config, input locations, round, MLflow run). The artifact then holds only a ``LOCATION``
+  file and ``metadata["lf2_uri"]``; downstream components read from the URI.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+LOCATION_FILE = "LOCATION"
+log = logging.getLogger("lf2.components")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_config(config_yaml: str):
+    """The resolved config (YAML string produced by the ``resolve-config`` component)."""
+    from lf2core import storage
+    from lf2core.config import config_from_yaml
+
+    cfg = config_from_yaml(config_yaml)
+    if cfg.data.cache_dir:
+        storage.set_cache_dir(cfg.data.cache_dir)
+    return cfg
+
+
+def resolve_config(recipe: str, overrides_json: str, source_root: str, target_root: str, experiment: str,
+                   compiled_rounds: int) -> str:
+    """recipe + JSON list of ``key=value`` overrides + data URIs -> validated config as YAML."""
+    from lf2core.config import ConfigError, load_config as _load
+
+    try:
+        overrides = json.loads(overrides_json or "[]")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"pipeline parameter 'overrides': not a JSON list of key=value strings ({e})") from None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError("pipeline parameter 'overrides': expected a JSON list of 'key=value' strings")
+    if source_root:
+        overrides.append(f"data.source.root={source_root}")
+    if target_root:
+        overrides.append(f"data.target.root={target_root}")
+    if experiment:
+        overrides.append(f"tracking.experiment={experiment}")
+    cfg = _load(recipe, overrides)
+    if compiled_rounds >= 0 and cfg.finetune.rounds != compiled_rounds:
+        raise ConfigError(
+            f"config key 'finetune.rounds': the pipeline was compiled for {compiled_rounds} rounds but the "
+            f"config asks for {cfg.finetune.rounds}; recompile with `lf2 pipeline compile --rounds "
+            f"{cfg.finetune.rounds}` (rounds are unrolled at compile time)"
+        )
+    return cfg.to_yaml()
+
+
+def input_location(artifact: Any) -> str:
+    """Where an upstream stage output lives: its recorded URI, else the artifact's local path."""
+    uri = (getattr(artifact, "metadata", None) or {}).get("lf2_uri")
+    if uri:
+        return str(uri)
+    p = Path(artifact.path)
+    if (p / LOCATION_FILE).is_file():
+        return (p / LOCATION_FILE).read_text().strip()
+    return str(p)
+
+
+def output_location(artifact: Any, object_prefix: str, stage: str, *key_parts: Any) -> str:
+    """Where a stage writes: the artifact path, or a deterministic place under ``object_prefix``."""
+    if not object_prefix:
+        return artifact.path
+    from lf2core import storage
+
+    key = hashlib.sha256(json.dumps([stage, *[str(k) for k in key_parts]]).encode()).hexdigest()[:16]
+    return storage.join(object_prefix, stage, key)
+
+
+def record_output(artifact: Any, location: str, metrics: Optional[dict] = None) -> None:
+    """Record ``location`` in the artifact (metadata + ``LOCATION`` file when remote) and small metrics."""
+    md = artifact.metadata
+    if location != artifact.path:
+        p = Path(artifact.path)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / LOCATION_FILE).write_text(location + "\n")
+        md["lf2_uri"] = location
+    for k, v in (metrics or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            md[k] = float(v)
+
+
+def log_kfp_metrics(out: Any, metrics: dict, keys: Optional[list[str]] = None) -> None:
+    """Scalar metrics into a KFP ``Metrics`` artifact (shown in the run's UI)."""
+    for k, v in metrics.items():
+        if keys is not None and k not in keys:
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.log_metric(k, float(v))
+
+
+def local_file(location: str, name: str) -> Optional[Path]:
+    """``location/name`` as a local file (downloaded when remote); None if missing."""
+    from lf2core import storage
+    from lf2core.errors import StorageError
+
+    uri = storage.join(location, name)
+    try:
+        if not storage.exists(uri):
+            return None
+        return storage.local_path(uri)
+    except StorageError:
+        return None
+
+
+def markdown_table(title: str, rows: list[tuple[str, Any]]) -> str:
+    lines = [f"## {title}", "", "| metric | value |", "|---|---|"]
+    for k, v in rows:
+        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(artifact: Any, text: str) -> None:
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(text)
+
+
+def png_html(title: str, png: Optional[Path], caption: str = "") -> str:
+    if png is None or not png.is_file():
+        return f"<html><body><h3>{title}</h3><p>no image</p></body></html>"
+    b64 = base64.b64encode(png.read_bytes()).decode()
+    return (f"<html><body><h3>{title}</h3><p>{caption}</p>"
+            f"<img alt='{title}' src='data:image/png;base64,{b64}'/></body></html>")
+
+
+def tracking_run(run_id: str) -> Optional[str]:
+    return run_id or None
+
+
+def env_summary() -> dict[str, Any]:
+    """Non-secret facts about where a component ran (logged as MLflow tags by start-run)."""
+    import platform
+
+    return {"lf2.host": platform.node(), "lf2.image": os.environ.get("LF2_IMAGE", "")}

@@ -1,0 +1,214 @@
+"""KFP v2 lightweight components: one thin typed adapter per lf2 stage.
+
+Each function body imports lf2core lazily (it runs in the project image, or in the same venv under
+``kfp.local.SubprocessRunner(use_venv=False)``), calls the stage function from ``lf2core.stages`` and
+records outputs/metrics. ``build_components(image)`` turns them into components with ``base_image``
+set to the project image and ``install_kfp_package=False`` (the image already has kfp).
+
+Data flow: ``resolve-config`` turns recipe + overrides + data URIs into one validated YAML string that
+every other component receives as ``config``; stage outputs are directory artifacts (Dataset / Model /
+Artifact) or, with ``object_prefix``, s3:// prefixes recorded in the artifact (see ``_runtime``).
+MLflow: ``start-run`` creates the pipeline's run (uncached) and returns its id; the round stages,
+evaluate and register log into it with ``step = round``.
+"""
+
+
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/lf2-reid/lf2:0.1.0"
+
+
+def resolve_config(recipe: str, overrides: str, source_root: str, target_root: str, experiment: str,
+                   compiled_rounds: int, config_file: Output[Artifact]) -> str:
+    """recipe + overrides (JSON list of key=value) + data URIs -> the validated config as YAML."""
+    from components import _runtime as rt
+
+    rt.setup_logging()
+    text = rt.resolve_config(recipe, overrides, source_root, target_root, experiment, compiled_rounds)
+    rt.write_text(config_file, text)
+    return text
+
+
+def prepare_data(config: str, object_prefix: str, data: Output[Dataset]) -> None:
+    """Stage prepare-data: dataset manifest (+ synthetic domains when the recipe asks for them)."""
+    from components import _runtime as rt
+    from lf2core.stages.prepare import prepare_data as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    out = rt.output_location(data, object_prefix, "prepare-data", config)
+    rt.record_output(data, out, stage(cfg, out))
+
+
+def pretrain_source(config: str, object_prefix: str, data: Input[Dataset], model: Output[Model],
+                    metrics: Output[Metrics]) -> None:
+    """Stage pretrain-source: supervised source model (cached across pipeline runs with equal inputs)."""
+    from components import _runtime as rt
+    from lf2core.stages.pretrain import pretrain_source as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    data_uri = rt.input_location(data)
+    out = rt.output_location(model, object_prefix, "pretrain-source", config, data_uri)
+    result = stage(cfg, data_uri, out)
+    rt.record_output(model, out, result)
+    rt.log_kfp_metrics(metrics, result)
+
+
+def start_run(config: str, run_name: str, resume_run_id: str, data: Input[Dataset],
+              source_model: Input[Model]) -> str:
+    """Create (or resume) the pipeline's MLflow run; log params, config, data sizes and the pretraining
+    curves (step = epoch). Returns the run id ("" when tracking is off). Never cached."""
+    import json
+    import time
+
+    from components import _runtime as rt
+    from lf2core import tracking
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    if not tracking.enabled():
+        return ""
+    if resume_run_id:
+        tracking.configure(cfg)
+        return resume_run_id
+    name = run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.create_run(cfg, name, rt.env_summary())
+    manifest = rt.local_file(rt.input_location(data), "manifest.json")
+    if manifest is not None:
+        m = json.loads(manifest.read_text())
+        sizes = {f"{side}_{split}": len(m.get(side, {}).get(split, []))
+                 for side in ("source", "target") for split in ("train", "query", "gallery")}
+        tracking.log_metrics(sizes, step=0, run_id=run_id, prefix="data")
+    src = rt.input_location(source_model)
+    tracking.set_tags({"lf2.data": rt.input_location(data), "lf2.source_model": src}, run_id=run_id)
+    pm = rt.local_file(src, "metrics.json")
+    if pm is not None:
+        pmetrics = json.loads(pm.read_text())
+        for row in pmetrics.get("history", []):
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row.get("epoch", 0)),
+                                 run_id=run_id, prefix="pretrain")
+        tracking.log_metrics(pmetrics.get("final", {}), step=0, run_id=run_id, prefix="pretrain/final")
+        tracking.log_artifact(pm, "pretrain", run_id=run_id)
+    return run_id or ""
+
+
+def extract_features(config: str, object_prefix: str, run_id: str, round_index: int, data: Input[Dataset],
+                     model: Input[Model], features: Output[Artifact]) -> None:
+    """Stage extract-features: fusion features of the target train split for one round."""
+    from components import _runtime as rt
+    from lf2core import tracking
+    from lf2core.stages.extract import extract_features as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    data_uri, model_uri = rt.input_location(data), rt.input_location(model)
+    out = rt.output_location(features, object_prefix, "extract-features", config, data_uri, model_uri,
+                             round_index, run_id)
+    result = stage(cfg, data_uri, model_uri, out)
+    rt.record_output(features, out, result)
+    tracking.log_metrics(result, step=round_index, run_id=rt.tracking_run(run_id), prefix="extract")
+
+
+def cluster(config: str, object_prefix: str, run_id: str, round_index: int, features: Input[Artifact],
+            labels: Output[Artifact], summary: Output[Markdown]) -> None:
+    """Stage cluster: pseudo labels of the three feature sets; stats + plot to MLflow (step = round)."""
+    import json
+
+    from components import _runtime as rt
+    from lf2core import tracking
+    from lf2core.stages.cluster import cluster as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    feat_uri = rt.input_location(features)
+    out = rt.output_location(labels, object_prefix, "cluster", config, feat_uri, round_index, run_id)
+    result = stage(cfg, feat_uri, out, round_index=round_index)
+    rt.record_output(labels, out)
+    stats_file = rt.local_file(out, "stats.json")
+    stats = json.loads(stats_file.read_text()) if stats_file is not None else (result or {})
+    rid = rt.tracking_run(run_id)
+    tracking.log_metrics(stats, step=round_index, run_id=rid, prefix="cluster")
+    for name in ("stats.json", "cluster_stats.png"):
+        f = rt.local_file(out, name)
+        if f is not None:
+            tracking.log_artifact(f, f"round_{round_index:02d}", run_id=rid)
+    rows = [(k, v) for k, v in tracking.flatten_metrics(stats).items() if "hist" not in k]
+    rt.write_text(summary, rt.markdown_table(f"Clustering, round {round_index}", rows))
+
+
+def finetune(config: str, object_prefix: str, run_id: str, round_index: int, data: Input[Dataset],
+             labels: Input[Artifact], model: Input[Model], finetuned: Output[Model],
+             metrics: Output[Metrics]) -> None:
+    """Stage finetune: one round of mean-teacher training on the round's pseudo labels."""
+    from components import _runtime as rt
+    from lf2core import tracking
+    from lf2core.stages.finetune import finetune as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    data_uri, labels_uri, model_uri = rt.input_location(data), rt.input_location(labels), rt.input_location(model)
+    out = rt.output_location(finetuned, object_prefix, "finetune", config, data_uri, labels_uri, model_uri,
+                             round_index, run_id)
+    result = stage(cfg, data_uri, labels_uri, model_uri, out, round_index=round_index)
+    rt.record_output(finetuned, out, result)
+    rt.log_kfp_metrics(metrics, result or {})
+    tracking.log_metrics(result or {}, step=round_index, run_id=rt.tracking_run(run_id), prefix="finetune")
+
+
+def evaluate(config: str, object_prefix: str, run_id: str, data: Input[Dataset], model: Input[Model],
+             results: Output[Artifact], metrics: Output[Metrics], ranklist: Output[HTML],
+             summary: Output[Markdown]) -> None:
+    """Stage evaluate: mAP / CMC of the final teacher on the target query/gallery."""
+    from components import _runtime as rt
+    from lf2core import tracking
+    from lf2core.stages.evaluate import evaluate as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    data_uri, model_uri = rt.input_location(data), rt.input_location(model)
+    out = rt.output_location(results, object_prefix, "evaluate", config, data_uri, model_uri, run_id)
+    result = stage(cfg, data_uri, model_uri, out)
+    rt.record_output(results, out, result)
+    rt.log_kfp_metrics(metrics, result, ["mAP", "R1", "R5", "R10", "mINP"])
+    rid = rt.tracking_run(run_id)
+    tracking.log_metrics(result, step=cfg.finetune.rounds, run_id=rid, prefix="eval")
+    png = rt.local_file(out, "ranklist.png")
+    for name in ("metrics.json", "ranklist.png"):
+        f = rt.local_file(out, name)
+        if f is not None:
+            tracking.log_artifact(f, "eval", run_id=rid)
+    rt.write_text(ranklist, rt.png_html("Rank lists (query + top-10, hits marked)", png))
+    rows = [(k, result[k]) for k in ("mAP", "R1", "R5", "R10", "mINP") if k in result]
+    rt.write_text(summary, rt.markdown_table("Target test split", rows))
+
+
+def register(config: str, run_id: str, model: Input[Model], results: Input[Artifact],
+             summary: Output[Markdown]) -> str:
+    """Stage register: log the teacher to MLflow, register it as ``lf2-reid`` with alias ``candidate``,
+    and close the pipeline's MLflow run. Returns the version ("" when tracking is off). Never cached."""
+    from components import _runtime as rt
+    from lf2core.stages.register import register as stage
+
+    rt.setup_logging()
+    cfg = rt.load_config(config)
+    result = stage(cfg, rt.input_location(model), rt.input_location(results), run_id=rt.tracking_run(run_id))
+    version = str(result.get("version", "")) if result.get("registered") else ""
+    rows = [("registered model", cfg.tracking.registered_model), ("version", version or "-"),
+            ("alias", result.get("alias", "-")), ("mAP", result.get("mAP")), ("MLflow run", run_id or "-")]
+    rt.write_text(summary, rt.markdown_table("Registered model", rows))
+    return version
+
+
+STAGE_FUNCTIONS = (resolve_config, prepare_data, pretrain_source, start_run, extract_features, cluster, finetune,
+                   evaluate, register)
+
+
+def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """The components with ``base_image=image``; attribute names = function names."""
+    return SimpleNamespace(**{
+        f.__name__: dsl.component(f, base_image=image, install_kfp_package=False) for f in STAGE_FUNCTIONS
+    })

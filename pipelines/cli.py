@@ -1,0 +1,185 @@
+"""``lf2 pipeline compile | run | submit``.
+
+    lf2 pipeline compile --out lf2.yaml [--target local|kubeflow] [--gpus N] [--image IMG] [-c RECIPE] [--rounds N]
+    lf2 pipeline run --out runs/p1 [-c RECIPE] [-s key=value ...] [--object-prefix s3://b/p] [--experiment E]
+    lf2 pipeline submit --host URL [--package lf2.yaml | -c RECIPE ...] [--experiment E] [--run-name N]
+
+The number of rounds is unrolled at compile time: it defaults to ``finetune.rounds`` of the recipe after
+the overrides, and the compiled pipeline refuses a config asking for another number.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from lf2core.config import load_config
+
+log = logging.getLogger("lf2.pipeline")
+
+
+def _rounds(args: argparse.Namespace) -> int:
+    if getattr(args, "rounds", None):
+        return int(args.rounds)
+    return load_config(args.config, args.set).finetune.rounds
+
+
+def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "recipe": args.config,
+        "overrides": json.dumps(list(args.set)),
+        "source_root": args.source_root or "",
+        "target_root": args.target_root or "",
+        "mlflow_experiment": args.experiment or "",
+        "object_prefix": args.object_prefix or "",
+        "run_name": args.run_name or "",
+        "resume_run_id": getattr(args, "resume_run_id", "") or "",
+    }
+
+
+def run_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
+              run_name: str = "", source_root: str = "", target_root: str = "", resume_run_id: str = "",
+              cache: bool = True, image: Optional[str] = None) -> dict[str, Any]:
+    """Run the pipeline with ``kfp.local.SubprocessRunner`` in this Python environment.
+
+    Outputs go under ``out/kfp`` (the local pipeline root; the KFP cache is ``out/kfp/.kfp_cache``).
+    Returns ``{"run_id", "version", "metrics", "seconds", "pipeline_root"}``.
+    """
+    from kfp import local
+
+    from components.stages import DEFAULT_IMAGE
+    from pipelines.lf2_uda import build_pipeline
+
+    rounds = load_config(recipe, overrides).finetune.rounds
+    root = Path(out, "kfp").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    workspace = Path(out, "kfp-workspace").resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               workspace_root=str(workspace), enable_caching=cache)
+    fn = build_pipeline(rounds, image=image or DEFAULT_IMAGE, target="local")
+    t0 = time.time()
+    # the components import the repository's packages: make sure the subprocesses find them
+    repo = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        task = fn(recipe=recipe, overrides=json.dumps(list(overrides)), source_root=source_root,
+                  target_root=target_root, mlflow_experiment=experiment, object_prefix=object_prefix,
+                  run_name=run_name, resume_run_id=resume_run_id)
+    metrics_art = task.outputs["metrics"]
+    return {
+        "run_id": task.outputs["run_id"],
+        "version": task.outputs["version"],
+        "metrics": dict(getattr(metrics_art, "metadata", {}) or {}),
+        "seconds": time.time() - t0,
+        "pipeline_root": str(root),
+    }
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pipelines.lf2_uda import compile_pipeline
+
+    rounds = _rounds(args)
+    compile_pipeline(args.out, rounds, image=args.image, target=args.target, gpus=args.gpus, retries=args.retries)
+    print(f"wrote {args.out} ({args.target}, {rounds} rounds, image {args.image})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    res = run_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
+                    experiment=args.experiment or "", run_name=args.run_name or "", source_root=args.source_root or "",
+                    target_root=args.target_root or "", resume_run_id=args.resume_run_id or "",
+                    cache=not args.no_cache, image=args.image)
+    print(json.dumps(res, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import kfp
+
+    from pipelines.lf2_uda import compile_pipeline
+
+    package = args.package
+    tmp = None
+    if not package:
+        tmp = tempfile.NamedTemporaryFile(suffix=".yaml", delete=False)
+        package = tmp.name
+        compile_pipeline(package, _rounds(args), image=args.image, target="kubeflow", gpus=args.gpus,
+                         retries=args.retries)
+    token = os.environ.get("KFP_TOKEN") or None
+    client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=token)
+    params = pipeline_arguments(args)
+    run = client.create_run_from_pipeline_package(
+        package, arguments=params, run_name=args.run_name or f"lf2-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}",
+        experiment_name=args.kfp_experiment, enable_caching=not args.no_cache, namespace=args.namespace,
+    )
+    print(f"submitted run {run.run_id} to {args.host} (experiment {args.kfp_experiment})")
+    if tmp is not None:
+        Path(package).unlink(missing_ok=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from components.stages import DEFAULT_IMAGE
+
+    parser = argparse.ArgumentParser(prog="lf2 pipeline", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    def cfg_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", default="demo", help="recipe name or YAML path (default: demo)")
+        p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="config override")
+        p.add_argument("--image", default=os.environ.get("LF2_IMAGE", DEFAULT_IMAGE), help="component image")
+
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source-root", default="", help="source dataset URI (default: the recipe's)")
+        p.add_argument("--target-root", default="", help="target dataset URI (default: the recipe's)")
+        p.add_argument("--experiment", default="", help="MLflow experiment (default: tracking.experiment)")
+        p.add_argument("--object-prefix", default="", help="s3:// prefix for stage outputs (default: KFP artifacts)")
+        p.add_argument("--run-name", default="")
+        p.add_argument("--resume-run-id", default="", help="continue this MLflow run (finished rounds are cached)")
+        p.add_argument("--no-cache", action="store_true", help="disable KFP caching")
+
+    p = sub.add_parser("compile", help="write the pipeline IR YAML")
+    cfg_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", choices=["local", "kubeflow"], default="kubeflow")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per training task (kubeflow target)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds to unroll (default: finetune.rounds)")
+    p.add_argument("--retries", type=int, default=None, help="retries per task (default 2 kubeflow, 0 local)")
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("run", help="run the pipeline locally (kfp.local, subprocesses in this venv)")
+    cfg_args(p)
+    run_args(p)
+    p.add_argument("--out", required=True, help="local pipeline root")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint")
+    cfg_args(p)
+    run_args(p)
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--package", default=None, help="compiled YAML (default: compile now for kubeflow)")
+    p.add_argument("--kfp-experiment", default="lf2", help="KFP experiment name")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--retries", type=int, default=None)
+    p.set_defaults(func=_submit)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The LF2 UDA pipeline (KFP v2), unrolled over rounds at compile time.
+
+    resolve-config -> prepare-data -> pretrain-source -> start-run
+        -> round 0..R-1: extract-features -> cluster -> finetune
+        -> evaluate -> register
+
+Pipeline parameters: ``recipe``, ``overrides`` (JSON list of ``key=value``), ``source_root`` /
+``target_root`` (dataset URIs; "" = the recipe's), ``mlflow_experiment``, ``object_prefix`` (s3://...;
+"" = KFP artifact storage), ``run_name``, ``resume_run_id`` (continue an MLflow run: the rounds then
+hit the KFP cache).
+
+Targets: ``local`` (kfp.local; no Kubernetes settings) and ``kubeflow`` (kfp-kubernetes: GPU accelerator
+type and limit on the training stages, CPU/memory requests and limits, S3 and MLflow credentials from
+Kubernetes secrets as environment variables, ``/dev/shm`` as a memory emptyDir, image pull policy).
+Caching is on except for ``start-run`` and ``register``; every task retries on failure with backoff.
+"""
+
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+from kfp import compiler, dsl
+
+from components.stages import DEFAULT_IMAGE, build_components
+
+STAGE_COMPONENTS = ("prepare-data", "pretrain-source", "extract-features", "cluster", "finetune", "evaluate",
+                    "register")
+GPU_STAGES = ("pretrain-source", "extract-features", "finetune", "evaluate")
+
+
+@dataclass
+class KubeSettings:
+    """Kubernetes settings of the ``kubeflow`` target (defaults sized for one ResNet-50 job per GPU)."""
+
+    gpus: int = 1
+    accelerator: str = "nvidia.com/gpu"
+    cpu_request: str = "4"
+    cpu_limit: str = "8"
+    memory_request: str = "16G"
+    memory_limit: str = "32G"
+    light_cpu: str = "500m"  # resolve-config, start-run, register
+    light_memory: str = "2G"
+    shm_size: str = "8Gi"
+    pull_policy: str = "IfNotPresent"
+    s3_secret: str = "lf2-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
+    s3_secret_keys: Tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+    mlflow_secret: str = "lf2-mlflow"  # keys: MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, ..._PASSWORD
+    mlflow_secret_keys: Tuple[str, ...] = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                           "MLFLOW_TRACKING_PASSWORD")
+    env: dict[str, str] = field(default_factory=lambda: {"PYTHONUNBUFFERED": "1"})
+
+
+def _kube(task: dsl.PipelineTask, stage: str, ks: KubeSettings, image: str) -> None:
+    from kfp import kubernetes
+
+    heavy = stage not in ("resolve-config", "start-run", "register")
+    if heavy:
+        task.set_cpu_request(ks.cpu_request).set_cpu_limit(ks.cpu_limit)
+        task.set_memory_request(ks.memory_request).set_memory_limit(ks.memory_limit)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=ks.shm_size)
+    else:
+        task.set_cpu_request(ks.light_cpu).set_memory_request(ks.light_memory)
+    if stage in GPU_STAGES and ks.gpus > 0:
+        task.set_accelerator_type(ks.accelerator).set_accelerator_limit(ks.gpus)
+    kubernetes.use_secret_as_env(task, ks.s3_secret, {k: k for k in ks.s3_secret_keys}, optional=False)
+    kubernetes.use_secret_as_env(task, ks.mlflow_secret, {k: k for k in ks.mlflow_secret_keys}, optional=True)
+    kubernetes.set_image_pull_policy(task, ks.pull_policy)
+    for k, v in {**ks.env, "LF2_IMAGE": image}.items():
+        task.set_env_variable(k, v)
+
+
+def build_pipeline(
+    rounds: int,
+    image: str = DEFAULT_IMAGE,
+    target: str = "local",
+    kube: Optional[KubeSettings] = None,
+    retries: Optional[int] = None,
+    name: str = "lf2-uda",
+) -> Callable[..., Any]:
+    """The pipeline function for ``rounds`` unrolled rounds (``finetune.rounds`` of the recipe)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if target not in ("local", "kubeflow"):
+        raise ValueError(f"target must be 'local' or 'kubeflow', got {target!r}")
+    c = build_components(image)
+    ks = kube or KubeSettings()
+    n_retries = (2 if target == "kubeflow" else 0) if retries is None else retries
+
+    def setup(task: dsl.PipelineTask, stage: str, display: Optional[str] = None, cache: bool = True) -> dsl.PipelineTask:
+        task.set_caching_options(cache)
+        if display:
+            task.set_display_name(display)
+        if n_retries > 0:
+            task.set_retry(num_retries=n_retries, backoff_duration="30s", backoff_factor=2.0,
+                           backoff_max_duration="600s")
+        if target == "kubeflow":
+            _kube(task, stage, ks, image)
+        return task
+
+    @dsl.pipeline(name=name, description=f"LF2 unsupervised domain adaptive re-ID ({rounds} rounds, {target})")
+    def lf2_uda(
+        recipe: str = "demo",
+        overrides: str = "[]",
+        source_root: str = "",
+        target_root: str = "",
+        mlflow_experiment: str = "lf2",
+        object_prefix: str = "",
+        run_name: str = "",
+        resume_run_id: str = "",
+    ) -> NamedTuple("Outputs", [("version", str), ("run_id", str), ("metrics", dsl.Metrics)]):
+        conf = setup(c.resolve_config(recipe=recipe, overrides=overrides, source_root=source_root,
+                                      target_root=target_root, experiment=mlflow_experiment,
+                                      compiled_rounds=rounds), "resolve-config")
+        config = conf.outputs["Output"]
+        prep = setup(c.prepare_data(config=config, object_prefix=object_prefix), "prepare-data")
+        data = prep.outputs["data"]
+        pre = setup(c.pretrain_source(config=config, object_prefix=object_prefix, data=data), "pretrain-source")
+        run = setup(c.start_run(config=config, run_name=run_name, resume_run_id=resume_run_id, data=data,
+                                source_model=pre.outputs["model"]), "start-run", cache=False)
+        run_id = run.output
+        model = pre.outputs["model"]
+        for r in range(rounds):
+            ext = setup(c.extract_features(config=config, object_prefix=object_prefix, run_id=run_id,
+                                           round_index=r, data=data, model=model),
+                        "extract-features", f"extract-features-r{r}")
+            cl = setup(c.cluster(config=config, object_prefix=object_prefix, run_id=run_id, round_index=r,
+                                 features=ext.outputs["features"]), "cluster", f"cluster-r{r}")
+            ft = setup(c.finetune(config=config, object_prefix=object_prefix, run_id=run_id, round_index=r,
+                                  data=data, labels=cl.outputs["labels"], model=model),
+                       "finetune", f"finetune-r{r}")
+            model = ft.outputs["finetuned"]
+        ev = setup(c.evaluate(config=config, object_prefix=object_prefix, run_id=run_id, data=data, model=model),
+                   "evaluate")
+        reg = setup(c.register(config=config, run_id=run_id, model=model, results=ev.outputs["results"]),
+                    "register", cache=False)
+        outputs = NamedTuple("Outputs", [("version", str), ("run_id", str), ("metrics", dsl.Metrics)])
+        return outputs(version=reg.outputs["Output"], run_id=run_id, metrics=ev.outputs["metrics"])
+
+    return lf2_uda
+
+
+def compile_pipeline(out: str, rounds: int, image: str = DEFAULT_IMAGE, target: str = "local", gpus: int = 1,
+                     retries: Optional[int] = None, kube: Optional[KubeSettings] = None) -> str:
+    """Write the pipeline IR YAML to ``out``; returns ``out``."""
+    ks = kube or KubeSettings(gpus=gpus)
+    ks.gpus = gpus
+    fn = build_pipeline(rounds, image=image, target=target, kube=ks, retries=retries)
+    compiler.Compiler().compile(fn, package_path=out)
+    return out
