@@ -17,9 +17,10 @@ Protocol (torchreid / Market-1501, the one every UDA re-ID paper reports):
 
 All metrics are fractions in [0, 1].
 
-Implementation: queries are processed in chunks (memory bound ~ ``chunk x G`` x a few bytes), each chunk
-sorted (numpy SIMD sort of packed (distance, index) keys, chunks run on a thread pool); everything else is array arithmetic (no Python loop over
-queries or gallery).
+Implementation: queries are processed in chunks of ~4M distances (~20 bytes of scratch per distance, so
+~80 MB per chunk), chunks run on a small thread pool. Each chunk is ranked by one sort of packed
+``(distance, gallery index)`` int64 keys (numpy's SIMD sort); after that only the (few) gallery entries
+sharing the query's identity are touched. No Python loop over queries or gallery entries.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from .errors import Lf2Error
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-# Elements of the [chunk, G] working arrays per chunk (~16 bytes each at peak: sort values + indices,
-# gathered flags and cumulative sums), i.e. ~100 MB of scratch whatever the problem size.
+# Elements of the [chunk, G] working arrays per chunk (~20 bytes each at peak: float32 copy, int32 bits,
+# int64 keys/order, bool match), i.e. ~80 MB of scratch per concurrent chunk whatever the problem size.
 _CHUNK_ELEMENTS = 1 << 22
 # Chunks evaluated concurrently (each holds its own scratch arrays).
 _MAX_WORKERS = 4
@@ -51,7 +52,10 @@ def _as_tensor(x: ArrayLike, name: str, *, floating: bool) -> torch.Tensor:
         t = x.detach().cpu()
     else:
         try:
-            t = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+            arr = np.ascontiguousarray(np.asarray(x))
+            if not arr.flags.writeable or not arr.dtype.isnative:  # read-only memmap / big-endian: copy
+                arr = arr.astype(arr.dtype.newbyteorder("="), copy=True)
+            t = torch.from_numpy(arr)
         except TypeError as exc:  # object arrays, strings...
             raise EvaluationError(f"{name}: cannot convert to a numeric array ({exc})") from exc
     if floating:
@@ -372,15 +376,15 @@ def rerank(
     gmask = jac.col >= nq
     final[jac.row[gmask], jac.col[gmask] - nq] = jac.data[gmask]
     final *= 1.0 - float(lambda_value)
-    d_qg = torch.from_numpy(pairwise_distance(xq, xg))  # [Q, G]
+    d_qg = torch.from_numpy(pairwise_distance(xq, xg))  # [Q, G] float32
     row_max = d_qg.amax(dim=1)
     chunk = 1024
     for s in range(0, nq, chunk):  # max over query rows too, in chunks
         row_max[s : s + chunk] = torch.maximum(
             row_max[s : s + chunk], torch.from_numpy(pairwise_distance(xq[s : s + chunk], xq)).amax(dim=1)
         )
-    orig = d_qg / row_max.clamp_min(1e-12)[:, None]
-    final += float(lambda_value) * orig.numpy().astype(np.float32)
+    d_qg.div_(row_max.clamp_min(1e-12)[:, None]).mul_(float(lambda_value))  # in place: no extra [Q, G]
+    final += d_qg.numpy()
     return final
 
 
