@@ -67,12 +67,19 @@ def run_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str
     t0 = time.time()
     # the components import the repository's packages: make sure the subprocesses find them
     repo = str(Path(__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        task = fn(recipe=recipe, overrides=json.dumps(list(overrides)), source_root=source_root,
-                  target_root=target_root, mlflow_experiment=experiment, object_prefix=object_prefix,
-                  run_name=run_name, resume_run_id=resume_run_id)
+    old_pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = repo + (os.pathsep + old_pythonpath if old_pythonpath else "")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+            task = fn(recipe=recipe, overrides=json.dumps(list(overrides)), source_root=source_root,
+                      target_root=target_root, mlflow_experiment=experiment, object_prefix=object_prefix,
+                      run_name=run_name, resume_run_id=resume_run_id)
+    finally:
+        if old_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pythonpath
     metrics_art = task.outputs["metrics"]
     return {
         "run_id": task.outputs["run_id"],
