@@ -44,7 +44,9 @@ from .knn import _as_features, knn
 log = logging.getLogger(__name__)
 
 #: target number of (pair, column) terms materialised per block of the min-sum (bounds peak memory)
-MINSUM_BLOCK_TERMS = 4_000_000
+MINSUM_BLOCK_TERMS = 500_000
+#: cells of the dense per-block accumulator of the min-sum (float64)
+MINSUM_BUFFER = 1 << 21
 #: target float32 elements gathered per chunk of the fallback dot products
 DOT_CHUNK_ELEMS = 8_000_000
 
@@ -95,25 +97,25 @@ def reciprocal_pairs(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[keep], cols[keep]
 
 
-def _pair_similarities(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, sims: np.ndarray,
-                       rank: np.ndarray) -> np.ndarray:
-    """``x[rows] . x[cols]`` (float64), taken from the kNN result when ``(i, j)`` or ``(j, i)`` is in it."""
+def _pattern(rows: np.ndarray, cols: np.ndarray, n: int, dtype=np.float32) -> sp.csr_matrix:
+    """``N x N`` CSR with ones at ``(rows, cols)`` (pairs unique), sorted indices."""
+    m = sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, cols)), shape=(n, n))
+    m.sort_indices()
+    return m
+
+
+def _pair_similarities(x: np.ndarray, e: sp.csr_matrix, sims: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """``x_i . x_j`` (float64) for the stored pairs of ``e`` (CSR order): read from the kNN result where
+    ``j`` is among the neighbours of ``i`` (C++ sparse sampling), computed by chunked dot products else."""
     n, kk = rank.shape
-    knn_keys = (np.arange(n, dtype=np.int64)[:, None] * n + rank).reshape(-1)
-    order = np.argsort(knn_keys, kind="stable")
-    skeys, svals = knn_keys[order], sims.reshape(-1)[order].astype(np.float64)
-    out = np.full(len(rows), np.nan)
-    for a, b in ((rows, cols), (cols, rows)):
-        todo = np.isnan(out)
-        if not todo.any():
-            break
-        q = a[todo] * n + b[todo]
-        pos = np.minimum(np.searchsorted(skeys, q), len(skeys) - 1)
-        hit = skeys[pos] == q
-        sub = out[todo]
-        sub[hit] = svals[pos[hit]]
-        out[todo] = sub
-    miss = np.flatnonzero(np.isnan(out))
+    knn_sim = sp.csr_matrix((sims.reshape(-1).astype(np.float64),
+                             (np.repeat(np.arange(n, dtype=np.int64), kk), rank.reshape(-1))), shape=(n, n))
+    knn_hit = sp.csr_matrix((np.ones(n * kk, dtype=np.int8),
+                             (np.repeat(np.arange(n, dtype=np.int64), kk), rank.reshape(-1))), shape=(n, n))
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(e.indptr))
+    cols = e.indices.astype(np.int64)
+    out = np.asarray(knn_sim[rows, cols]).reshape(-1)
+    miss = np.flatnonzero(np.asarray(knn_hit[rows, cols]).reshape(-1) == 0)
     step = max(1, DOT_CHUNK_ELEMS // x.shape[1])
     for s in range(0, len(miss), step):
         m = miss[s : s + step]
@@ -122,44 +124,37 @@ def _pair_similarities(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, sims: 
 
 
 # ------------------------------------------------------------------------------------------ steps
-def expansion_sets(rank: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
-    """``E(i)`` (step 3) for all ``i`` as unique pairs ``(rows, cols)`` sorted by ``(row, col)``."""
+def expansion_sets(rank: np.ndarray, k1: int) -> sp.csr_matrix:
+    """``E(i)`` (step 3) for all ``i``: the pattern of an ``N x N`` CSR matrix (sorted indices).
+
+    With ``M1[i, j] = [j in R(i, k1)]`` and ``Mh[c, j] = [j in R(c, round(k1/2))]``:
+    ``|R(c, k1/2) ∩ R(i, k1)| = (M1 @ Mh.T)[i, c]``, sampled on the pattern of M1; the rows ``c`` passing
+    the 2/3 test form P, and ``E = pattern(M1 + P @ Mh)`` — sparse products in scipy's C++ kernels.
+    """
     n = rank.shape[0]
     half = int(np.around(k1 / 2.0))  # numpy rounds half to even, as the reference's np.around
-    r1_rows, r1_cols = reciprocal_pairs(rank, k1)
-    rh_rows, rh_cols = reciprocal_pairs(rank, half)
-    r1_keys = np.sort(r1_rows * n + r1_cols)
-    rh_count = np.bincount(rh_rows, minlength=n).astype(np.int64)
-    rh_start = _segment_starts(rh_count)
-
-    # triplets (e = (i, c) in R1, j in Rc), in blocks of R1 entries to bound memory
-    keys_out = [r1_keys]
-    n_e = len(r1_rows)
-    cost = rh_count[r1_cols]
-    bounds = np.searchsorted(np.cumsum(cost), np.arange(MINSUM_BLOCK_TERMS, int(cost.sum()) + 1,
-                                                          MINSUM_BLOCK_TERMS), side="right")
-    edges = np.unique(np.concatenate([[0], bounds, [n_e]]))
-    for a, b in zip(edges[:-1], edges[1:]):
-        ci = r1_cols[a:b]
-        owner, pos = _expand_ranges(rh_start[ci], rh_count[ci])
-        i = r1_rows[a:b][owner]
-        j = rh_cols[pos]
-        q = i * n + j
-        p = np.minimum(np.searchsorted(r1_keys, q), len(r1_keys) - 1)
-        inter = np.bincount(owner, weights=(r1_keys[p] == q), minlength=b - a)
-        passing = inter > 2.0 / 3.0 * rh_count[ci]  # same float expression as the reference
-        keys_out.append(q[passing[owner]])
-    keys = np.unique(np.concatenate(keys_out))
-    return keys // n, keys % n
+    m1 = _pattern(*reciprocal_pairs(rank, k1), n)
+    mh = _pattern(*reciprocal_pairs(rank, half), n)
+    r1_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(m1.indptr))
+    r1_cols = m1.indices.astype(np.int64)
+    inter = np.asarray((m1 @ mh.T).tocsr()[r1_rows, r1_cols]).reshape(-1)
+    rh_count = np.diff(mh.indptr).astype(np.float64)
+    passing = inter > 2.0 / 3.0 * rh_count[r1_cols]  # same float expression as the reference
+    p = _pattern(r1_rows[passing], r1_cols[passing], n)
+    e = (m1 + p @ mh).tocsr()
+    e.sum_duplicates()
+    e.sort_indices()
+    return e
 
 
 def build_v(x: np.ndarray, rank: np.ndarray, sims: np.ndarray, k1: int, k2: int) -> sp.csr_matrix:
     """The (query-expanded) matrix V of steps 3-5 as an ``N x N`` float64 CSR matrix with sorted indices."""
     n = x.shape[0]
-    rows, cols = expansion_sets(rank, k1)
-    s = _pair_similarities(x, rows, cols, sims, rank)
+    e_pat = expansion_sets(rank, k1)
+    cols = e_pat.indices
+    s = _pair_similarities(x, e_pat, sims, rank)
     logits = -(2.0 - 2.0 * s)
-    counts = np.bincount(rows, minlength=n)
+    counts = np.diff(e_pat.indptr)
     starts = _segment_starts(counts)  # every row is non-empty: i is in its own E(i)
     rmax = np.maximum.reduceat(logits, starts)
     e = np.exp(logits - np.repeat(rmax, counts))
@@ -175,77 +170,96 @@ def build_v(x: np.ndarray, rank: np.ndarray, sims: np.ndarray, k1: int, k2: int)
     return v
 
 
-def jaccard_from_v(v: sp.csr_matrix, progress: bool = False) -> sp.csr_matrix:
-    """Step 6 on a CSR matrix V with sorted indices: an ``N x N`` float32 CSR of ``1 - m/(2-m)``.
+def _unique_sorted(a: np.ndarray) -> np.ndarray:
+    """Sorted unique values (faster than ``np.unique`` on large int64 arrays here)."""
+    a = np.sort(a)
+    if len(a) == 0:
+        return a
+    keep = np.empty(len(a), dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
 
-    Stored entries are exactly the pairs sharing a column of V (explicit zeros kept)."""
+
+def jaccard_from_v(v: sp.csr_matrix, progress: bool = False) -> sp.csr_matrix:
+    """Step 6 on a CSR matrix V: an ``N x N`` float32 CSR of ``1 - m/(2-m)``, clipped at 0.
+
+    Stored entries are exactly the pairs sharing a column of V (explicit zeros kept), indices sorted.
+    Rows are processed in contiguous blocks. For a block, every stored ``V[i, c]`` is paired with every
+    row ``j`` of column ``c`` (V's columns as inverted lists), giving terms ``min(V[i, c], V[j, c])`` with
+    cell key ``(i - a) * N + j``; the distinct cells (the output pattern, already in row-major sorted
+    order) come from a byte mask, and the sums from one ``bincount`` into that compact pattern. No sort,
+    no per-row Python loop. The sum of a pair adds its shared columns in ascending order in both rows,
+    so the result is exactly symmetric. Memory: V, the output, and O(``MINSUM_BLOCK_TERMS`` +
+    ``MINSUM_BUFFER``) temporaries (the output arrays are filled block by block as blocks are freed).
+    """
     n = v.shape[0]
-    nnz = v.nnz
-    v_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(v.indptr))
+    v = sp.csr_matrix(v)
+    v.sort_indices()
+    row_nnz = np.diff(v.indptr).astype(np.int64)
     v_cols = v.indices.astype(np.int64)
-    # CSC view whose rows are sorted within each column (stable sort of the row-major order)
-    perm = np.argsort(v_cols, kind="stable")
-    col_rows = v_rows[perm]
-    col_vals = v.data[perm]
-    col_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(v_cols, minlength=n), out=col_ptr[1:])
-    csc_pos = np.empty(nnz, dtype=np.int64)
-    csc_pos[perm] = np.arange(nnz, dtype=np.int64)
-    # entry (i, c) pairs with the rows j >= i of column c: the suffix of the column from i's own slot
-    cnt = col_ptr[v_cols + 1] - csc_pos
-    cum = np.cumsum(np.bincount(v_rows, weights=cnt, minlength=n)).astype(np.int64)
-    bounds = np.searchsorted(cum, np.arange(MINSUM_BLOCK_TERMS, int(cum[-1]) + 1, MINSUM_BLOCK_TERMS),
-                             side="right")
-    edges = np.unique(np.concatenate([[0], bounds, [n]]))
-    ptr_parts, idx_parts, dat_parts = [np.zeros(1, dtype=np.int64)], [], []
-    offset = 0
+    vt = v.tocsc()
+    vt.sort_indices()
+    col_ptr = vt.indptr.astype(np.int64)
+    col_rows = vt.indices.astype(np.int64)
+    col_vals = vt.data
+    col_cnt = np.diff(col_ptr)
+    del vt
+    row_terms = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(np.repeat(np.arange(n), row_nnz), weights=col_cnt[v_cols], minlength=n).astype(np.int64),
+              out=row_terms[1:])
+    max_rows = max(1, MINSUM_BUFFER // n)
+    edges = [0]
+    while edges[-1] < n:  # blocks: at most MINSUM_BLOCK_TERMS terms (or one row) and MINSUM_BUFFER cells
+        a = edges[-1]
+        b = int(np.searchsorted(row_terms, row_terms[a] + MINSUM_BLOCK_TERMS, side="right")) - 1
+        edges.append(min(max(b, a + 1), a + max_rows, n))
+    mark = np.zeros(max_rows * n, dtype=bool)
+    slot = np.empty(max_rows * n, dtype=np.int64)
+    index_dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
+    blocks = []  # (counts per row, partner indices, distances) in row order
     for a, b in tqdm(list(zip(edges[:-1], edges[1:])), desc="jaccard min-sum", disable=not progress,
                      unit="block"):
         ea, eb = v.indptr[a], v.indptr[b]
-        owner, pos = _expand_ranges(csc_pos[ea:eb], cnt[ea:eb])
-        mins = np.minimum(v.data[ea:eb][owner], col_vals[pos])
-        blk = sp.csr_matrix((mins, (v_rows[ea:eb][owner] - a, col_rows[pos])), shape=(b - a, n))
-        blk.sum_duplicates()
-        m = blk.data
+        t_cnt = col_cnt[v_cols[ea:eb]]
+        n_terms = int(t_cnt.sum())
+        t_pos = np.repeat(col_ptr[v_cols[ea:eb]] - _segment_starts(t_cnt), t_cnt)
+        t_pos += np.arange(n_terms, dtype=np.int64)
+        mins = np.minimum(np.repeat(v.data[ea:eb], t_cnt), col_vals[t_pos])
+        key = np.repeat(np.repeat(np.arange(b - a, dtype=np.int64) * n, row_nnz[a:b]), t_cnt)
+        key += col_rows[t_pos]
+        del t_pos
+        nc = (b - a) * n
+        mark[key] = True
+        cells = np.flatnonzero(mark[:nc])
+        mark[:nc] = False
+        slot[cells] = np.arange(len(cells), dtype=np.int64)
+        m = np.bincount(slot[key], weights=mins, minlength=len(cells))
+        del key, mins
         d = 1.0 - m / (2.0 - m)
         np.maximum(d, 0.0, out=d)
-        ptr_parts.append(blk.indptr[1:].astype(np.int64) + offset)
-        idx_parts.append(blk.indices.astype(np.int64))
-        dat_parts.append(d.astype(np.float32))
-        offset += blk.nnz
-    up_ptr = np.concatenate(ptr_parts)
-    up_idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-    up_dat = np.concatenate(dat_parts) if dat_parts else np.zeros(0, np.float32)
-    del ptr_parts, idx_parts, dat_parts
-    return _mirror_upper(up_ptr, up_idx, up_dat, n)
-
-
-def _mirror_upper(up_ptr: np.ndarray, up_idx: np.ndarray, up_dat: np.ndarray, n: int) -> sp.csr_matrix:
-    """Full symmetric CSR from an upper-triangular CSR (diagonal included, columns sorted per row)."""
-    up_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(up_ptr))
-    strict = up_idx != up_rows
-    # lower part = transpose of the strict upper part; a stable sort by column keeps rows ascending
-    lo_src = np.flatnonzero(strict)
-    order = lo_src[np.argsort(up_idx[lo_src], kind="stable")]
-    lo_rows = up_idx[order]
-    lo_cols = up_rows[order]
-    lo_dat = up_dat[order]
-    lo_count = np.bincount(lo_rows, minlength=n).astype(np.int64)
-    lo_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lo_count, out=lo_ptr[1:])
-    # row i = its lower entries (cols < i) then its upper entries (cols >= i): sorted by column
-    ptr = lo_ptr + up_ptr
-    total = int(ptr[-1])
-    index_dtype = np.int32 if max(total, n) < np.iinfo(np.int32).max else np.int64
+        row_end = np.searchsorted(cells, np.arange(1, b - a + 1, dtype=np.int64) * n)
+        counts = np.diff(row_end, prepend=0)
+        cells -= np.repeat(np.arange(b - a, dtype=np.int64) * n, counts)
+        blocks.append((counts, cells.astype(index_dtype), d.astype(np.float32)))
+        del cells, m, d
+    # assemble: output arrays written block by block while the block list is released
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.concatenate([blk[0] for blk in blocks]), out=indptr[1:])
+    total = int(indptr[-1])
+    if total >= np.iinfo(np.int32).max:
+        index_dtype = np.int64
     indices = np.empty(total, dtype=index_dtype)
     data = np.empty(total, dtype=np.float32)
-    lo_dest = np.arange(len(lo_rows), dtype=np.int64) + up_ptr[lo_rows]
-    up_dest = np.arange(len(up_rows), dtype=np.int64) + lo_ptr[up_rows + 1]
-    indices[lo_dest] = lo_cols
-    data[lo_dest] = lo_dat
-    indices[up_dest] = up_idx
-    data[up_dest] = up_dat
-    out = sp.csr_matrix((data, indices, ptr.astype(index_dtype)), shape=(n, n))
+    blocks.reverse()
+    pos = 0
+    while blocks:
+        _, idx, d = blocks.pop()
+        indices[pos : pos + len(idx)] = idx
+        data[pos : pos + len(d)] = d
+        pos += len(idx)
+        del idx, d
+    out = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, n))
     out.has_sorted_indices = True
     return out
 

@@ -44,11 +44,13 @@ def dbscan_precomputed(dist: sp.csr_matrix, eps: float = 0.6, min_samples: int =
         raise ValueError(f"dbscan_precomputed: min_samples must be >= 1, got {min_samples}")
     dist = sp.csr_matrix(dist)
     n = dist.shape[0]
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(dist.indptr))
-    cols = dist.indices.astype(np.int64)
-    close = (dist.data <= eps) & (rows != cols)  # the point itself is counted separately, once
-    rows, cols = rows[close], cols[close]
-    # as sklearn: the diagonal is the point's distance to itself (absent = 0); 0 for a Jaccard matrix
+    close = np.flatnonzero(dist.data <= eps)  # few entries: only these are expanded to (row, col)
+    rows = np.searchsorted(dist.indptr, close, side="right").astype(np.int64) - 1
+    cols = dist.indices[close].astype(np.int64)
+    del close
+    off = rows != cols  # the point itself is counted once, from the diagonal, as sklearn does
+    rows, cols = rows[off], cols[off]
+    # the diagonal is the point's distance to itself (absent = 0); 0 for a Jaccard matrix
     n_neigh = np.bincount(rows, minlength=n) + (dist.diagonal() <= eps)
     core = n_neigh >= min_samples
     labels = np.full(n, -1, dtype=np.int64)
