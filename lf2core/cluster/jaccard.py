@@ -16,14 +16,16 @@ How it is computed without any ``N x N`` array or per-row Python loop:
 - the kNN search (``lf2core.cluster.knn``) is the only O(N^2 d) part; everything after it works on
   arrays of O(N k) pairs encoded as int64 keys ``i * N + j``;
 - reciprocity (2) is a sorted-key membership test (``searchsorted``) of each pair's reverse key;
-- expansion (3) enumerates the triplets ``(i, c, j in Rc)``, tests ``(i, j) in R(i, k1)`` the same way
-  and counts per ``(i, c)`` with ``bincount``; E is the unique set of surviving keys;
+- expansion (3): with ``M1[i, j] = [j in R(i, k1)]`` and ``Mh[c, j] = [j in R(c, round(k1/2))]`` the
+  intersection sizes are ``(M1 @ Mh.T)[i, c]`` and ``E = pattern(M1 + P @ Mh)`` (P = passing ``(i, c)``),
+  sparse products in scipy's C++ kernels;
 - V (4) is a CSR matrix; the softmax is a segmented max/sum (``reduceat``) over its rows; similarities
   come from the kNN result when the pair is there, else from a chunked row-wise dot product;
 - the query expansion (5) is one sparse product ``A @ V`` with ``A[i, initial_rank[i, :k2]] = 1/k2``;
-- the min-sum (6) uses V's columns as inverted lists: for every stored ``V[i, c]`` and every row
-  ``j >= i`` of column ``c`` it emits ``min(V[i, c], V[j, c])``, summed per pair by a COO->CSR conversion,
-  block by block of rows (bounded memory), and mirrored to the lower triangle (exactly symmetric).
+- the min-sum (6) uses V's columns as inverted lists: for every stored ``V[i, c]`` and every row ``j``
+  of column ``c`` it emits ``min(V[i, c], V[j, c])``, in blocks of rows; the block's distinct pairs come
+  from a byte mask (already in sorted order) and their sums from one ``bincount`` (see
+  :func:`jaccard_from_v`).
 
 The result stores exactly the pairs that share a column of V (the diagonal included, value 0); every
 absent pair has distance 1, as in the dense reference.

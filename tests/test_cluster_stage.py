@@ -1,0 +1,89 @@
+"""Stage cluster and `lf2 cluster` on a small synthetic features.npz."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lf2core.cli import main
+from lf2core.cluster import pseudo_labels
+from lf2core.config import load_config
+from lf2core.errors import DataError
+from lf2core.stages.cluster import cluster
+
+
+def _write_features(path, n_ids=12, per=10, seed=0):
+    rng = np.random.default_rng(seed)
+    pids = np.repeat(np.arange(n_ids), per)
+    camids = rng.integers(0, 3, size=len(pids))
+    arrays = {}
+    for k, name in enumerate(("global", "upper", "lower")):
+        c = rng.standard_normal((n_ids, 24)) * 2.5
+        x = c[pids] + rng.standard_normal((len(pids), 24)) * (1.0 + 0.3 * k)
+        arrays[name] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "features.npz", pids=pids.astype(np.int64), camids=camids.astype(np.int64), **arrays)
+    return arrays, pids
+
+
+@pytest.mark.parametrize("method", ["dbscan", "kmeans"])
+def test_stage_writes_labels_stats_png(tmp_path, method):
+    arrays, pids = _write_features(tmp_path / "feat")
+    cfg = load_config(None, [f"cluster.method={method}", "cluster.num_clusters=12", "cluster.k1=15",
+                             "cluster.kmeans_init_size=60", "cluster.kmeans_batch_size=40"])
+    metrics = cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out"), round_index=2)
+    out = tmp_path / "out"
+    assert (out / "_COMPLETE").exists() and (out / "cluster_stats.png").stat().st_size > 1000
+    with np.load(out / "labels.npz") as z:
+        labels = {k: z[k] for k in z.files}
+    assert set(labels) == {"global", "upper", "lower"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["round"] == 2
+    for name in ("global", "upper", "lower"):
+        lab = labels[name]
+        assert lab.dtype == np.int64 and lab.shape == pids.shape
+        if method == "dbscan":  # the stage labels are exactly the library's
+            assert np.array_equal(lab, pseudo_labels(arrays[name], "dbscan", k1=15, k2=6, eps=0.6, min_samples=4))
+        else:
+            assert lab.min() == 0 and lab.max() == 11
+        assert stats[name]["num_clusters"] == len(set(lab[lab >= 0].tolist()))
+        assert metrics[f"{name}/num_clusters"] == stats[name]["num_clusters"]
+        assert 0 <= metrics[f"{name}/nmi"] <= 1 and "nmi_camera" in stats[name]
+        assert not any(isinstance(v, (list, dict)) for v in metrics.values())
+    assert stats["global"]["nmi"] > 0.9
+
+
+def test_unknown_ids_give_no_supervised_stats(tmp_path):
+    _write_features(tmp_path / "feat")
+    with np.load(tmp_path / "feat" / "features.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["pids"][:] = -1
+    np.savez(tmp_path / "feat" / "features.npz", **arrays)
+    cfg = load_config(None, ["cluster.method=dbscan", "cluster.k1=15"])
+    metrics = cluster(cfg, str(tmp_path / "feat" / "features.npz"), str(tmp_path / "out"))
+    assert "global/nmi" not in metrics and "global/nmi_camera" in metrics
+
+
+def test_bad_features_raise_data_error(tmp_path):
+    cfg = load_config(None, ["cluster.method=dbscan"])
+    with pytest.raises(DataError, match="features.npz"):
+        cluster(cfg, str(tmp_path / "missing"), str(tmp_path / "out"))
+    (tmp_path / "f").mkdir()
+    np.savez(tmp_path / "f" / "features.npz", global_=np.zeros((3, 2), np.float32))
+    with pytest.raises(DataError, match="missing array 'global'"):
+        cluster(cfg, str(tmp_path / "f"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_cluster(tmp_path, capsys):
+    _write_features(tmp_path / "feat")
+    rc = main(["cluster", "--features", str(tmp_path / "feat"), "--out", str(tmp_path / "out"), "--round", "1",
+               "--set", "cluster.method=dbscan", "--set", "cluster.k1=15"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["global/num_clusters"] >= 5
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["round"] == 1
+    rc = main(["cluster", "--features", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
+    assert rc == 2
