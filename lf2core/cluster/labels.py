@@ -175,6 +175,15 @@ def apply_outlier_policy(labels: np.ndarray, policy: OutlierPolicy) -> np.ndarra
     raise ValueError(f"apply_outlier_policy: unknown policy {policy!r} (expected 'drop' or 'singleton')")
 
 
+def _run_lengths(keys: np.ndarray) -> np.ndarray:
+    """Multiplicities of the distinct values of an int array (sort + run lengths)."""
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = np.sort(keys)
+    edges = np.flatnonzero(np.diff(k)) + 1
+    return np.diff(np.concatenate([[0], edges, [len(k)]]))
+
+
 def _pairs(counts: np.ndarray) -> float:
     c = counts.astype(np.float64)
     return float(np.sum(c * (c - 1.0) / 2.0))
@@ -203,7 +212,7 @@ def cluster_stats(labels: np.ndarray, true_ids: Optional[np.ndarray] = None,
         raise ValueError(f"cluster_stats: labels must be a 1-D integer array, got {lab.dtype} {lab.shape}")
     n = len(lab)
     clustered = lab >= 0
-    _, sizes = np.unique(lab[clustered], return_counts=True)
+    sizes = _run_lengths(lab[clustered].astype(np.int64))
     hist_sizes, hist_counts = np.unique(sizes, return_counts=True)
     stats: dict = {
         "num_samples": int(n),
@@ -221,8 +230,11 @@ def cluster_stats(labels: np.ndarray, true_ids: Optional[np.ndarray] = None,
         else:
             stats["nmi"] = stats["ari"] = 0.0
         # contingency table of (cluster, identity) over clustered samples
-        _, cell = np.unique(np.stack([lab[clustered], t[clustered]]), axis=1, return_counts=True)
-        _, id_sizes = np.unique(t, return_counts=True)
+        _, t_index = np.unique(t, return_inverse=True)
+        t_index = t_index.reshape(-1).astype(np.int64)
+        n_ids = int(t_index.max()) + 1 if n else 1
+        cell = _run_lengths(lab[clustered].astype(np.int64) * n_ids + t_index[clustered])
+        id_sizes = np.bincount(t_index, minlength=n_ids)
         tp, pred, true = _pairs(cell), _pairs(sizes), _pairs(id_sizes)
         stats["pairwise_precision"] = tp / pred if pred > 0 else 0.0
         stats["pairwise_recall"] = tp / true if true > 0 else 0.0
