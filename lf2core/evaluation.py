@@ -94,25 +94,37 @@ def _check_inputs(
     return d, qp, gp, qc, gc
 
 
+def _packed_keys(d: torch.Tensor) -> np.ndarray:
+    """Distinct int64 keys ordering the entries of each row of ``d`` [C, G] float32 by (distance, index).
+
+    key = (order-preserving int32 image of the distance) << 32 | gallery index. IEEE-754: flipping the
+    magnitude bits of negative numbers makes signed-int order equal float order; ``+ 0.0`` turns -0.0
+    into +0.0 first (they are equal distances, so they tie and fall back to the index).
+
+    Returns:
+        [C, G] int64 numpy array.
+    """
+    bits = (d.numpy() + np.float32(0.0)).view(np.int32)
+    key = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
+    del bits
+    key <<= 32
+    key |= np.arange(d.shape[1], dtype=np.int64)
+    return key
+
+
 def _stable_argsort(d: torch.Tensor) -> torch.Tensor:
     """Row-wise argsort of ``d`` [C, G] by (distance, gallery index): the tie rule of this module.
 
-    float32 rows are sorted as packed int64 keys ``(order-preserving bits of the distance) << 32 | index``
-    with numpy's SIMD sort (all keys are distinct, so any sort is "stable"); this is 2-3x faster than a
-    stable ``torch.sort`` on CPU. Other dtypes use ``torch.sort(stable=True)``.
+    float32 rows are sorted as packed keys (``_packed_keys``) with numpy's SIMD sort (the keys are
+    distinct, so any sort is "stable"), 2-3x faster than a stable ``torch.sort`` on CPU; other dtypes
+    use ``torch.sort(stable=True)``.
 
     Returns:
         [C, G] int64 gallery indices in rank order.
     """
-    c, g = d.shape
-    if d.dtype != torch.float32 or g >= 2**31:
+    if d.dtype != torch.float32 or d.shape[1] >= 2**31:
         return torch.sort(d, dim=1, stable=True).indices
-    bits = (d.numpy() + np.float32(0.0)).view(np.int32)  # + 0.0 turns -0.0 into +0.0 (they tie)
-    # IEEE-754: flipping the magnitude bits of negative numbers makes signed-int order = float order
-    key = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
-    del bits
-    key <<= 32
-    key |= np.arange(g, dtype=np.int64)
+    key = _packed_keys(d)
     key.sort(axis=1)
     key &= 0xFFFFFFFF
     return torch.from_numpy(key)
@@ -133,32 +145,27 @@ def _segment_cumsum(flags: torch.Tensor, rows: torch.Tensor, num_rows: int) -> t
     return total - before_row[rows]
 
 
-def _rank_chunk(
-    d: torch.Tensor, qp: torch.Tensor, qc: torch.Tensor, gp: torch.Tensor, gc: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-query ranking statistics for one chunk of queries.
+ChunkStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-    Only the sort and one gather touch the dense [C, G] block; everything after works on the (few)
-    gallery entries sharing the query's identity.
+
+def _stats_from_match_positions(
+    rows: torch.Tensor, pos: torch.Tensor, excluded: torch.Tensor, c: int, g: int
+) -> ChunkStats:
+    """Per-query statistics from the ranked positions of each query's same-identity gallery entries.
 
     Args:
-        d: [C, G] distances; qp, qc: [C] query pids / camids; gp, gc: [G] gallery pids / camids.
+        rows: [M] int64 query row of each same-identity entry, non-decreasing, and within a row the
+            entries in rank order; pos: [M] int64 0-based position in the full ranking (dropped entries
+            included); excluded: [M] int64 1 where the entry has the query's camera (dropped), else 0.
+        c, g: number of queries in the chunk and of gallery entries.
 
     Returns:
         num_rel [C] int64 (true matches kept), ap [C] float64 (0 where num_rel = 0),
         first [C] int64 (0-based rank of the easiest match among kept entries; G where none),
         last [C] int64 (0-based rank of the hardest match; -1 where none).
     """
-    c, g = d.shape
-    order = _stable_argsort(d)  # [C, G]; ties -> lower gallery index first
-    match = gp[order] == qp[:, None]  # [C, G] same identity, in rank order
-    rows, cols = match.nonzero(as_tuple=True)  # [M] each, row-major so cols ascend within a row
-    del match
-    gidx = order[rows, cols]
-    del order
-    excluded = (gc[gidx] == qc[rows]).to(torch.int64)  # same pid AND same camera: dropped
-    # 1-based rank among kept entries = position - number of dropped entries ranked before it
-    rank = cols + 1 - _segment_cumsum(excluded, rows, c)
+    # 1-based rank among kept entries = position + 1 - number of dropped entries ranked up to it
+    rank = pos + 1 - _segment_cumsum(excluded, rows, c)
     good = excluded == 0
     rows, rank = rows[good], rank[good]
     j = _segment_cumsum(torch.ones_like(rows), rows, c)  # 1-based index of the match within its query
@@ -168,6 +175,81 @@ def _rank_chunk(
     first = torch.full((c,), g + 1, dtype=torch.int64).scatter_reduce_(0, rows, rank, "amin") - 1
     last = torch.zeros(c, dtype=torch.int64).scatter_reduce_(0, rows, rank, "amax") - 1
     return num_rel, ap, first, last
+
+
+def _rank_chunk_sort(
+    d: torch.Tensor, qp: torch.Tensor, qc: torch.Tensor, gp: torch.Tensor, gc: torch.Tensor
+) -> ChunkStats:
+    """``_rank_chunk`` by a full row sort (any float dtype)."""
+    c, g = d.shape
+    order = _stable_argsort(d)  # [C, G]; ties -> lower gallery index first
+    match = gp[order] == qp[:, None]  # [C, G] same identity, in rank order
+    rows, cols = match.nonzero(as_tuple=True)  # [M] each, row-major so cols ascend within a row
+    del match
+    gidx = order[rows, cols]
+    del order
+    excluded = (gc[gidx] == qc[rows]).to(torch.int64)  # same pid AND same camera: dropped
+    return _stats_from_match_positions(rows, cols, excluded, c, g)
+
+
+def _rank_chunk_keys(
+    d: torch.Tensor, qp: torch.Tensor, qc: torch.Tensor, gp: torch.Tensor, gc: torch.Tensor
+) -> ChunkStats:
+    """``_rank_chunk`` without sorting the rows (float32 only).
+
+    Only the positions of the (few) same-identity entries are needed. With distinct packed keys, the
+    position of the j-th smallest same-identity key of a row is the number of row keys smaller than it:
+    bucket every key by how many same-identity keys are smaller (one batched ``searchsorted`` into the
+    row's sorted same-identity keys), histogram the buckets, and take cumulative counts.
+    """
+    c, g = d.shape
+    key = _packed_keys(d)  # [C, G] int64, distinct within a row
+    match = gp[None, :] == qp[:, None]  # [C, G] (unsorted gallery order)
+    rows, cols = match.nonzero(as_tuple=True)  # row-major
+    del match
+    mkey = torch.from_numpy(key)[rows, cols]  # [M]
+    # order the same-identity entries by (row, key): keys are below 2**63 - 1, rows < 2**31
+    counts = torch.bincount(rows, minlength=c)
+    p = int(counts.max()) if rows.numel() else 0
+    if p == 0:
+        z = torch.zeros(c, dtype=torch.int64)
+        return z, torch.zeros(c, dtype=torch.float64), torch.full((c,), g, dtype=torch.int64), z - 1
+    # ascending keys within each row (rows are already grouped; a stable sort by key then by row)
+    o = torch.sort(mkey, stable=True).indices
+    o = o[torch.sort(rows[o], stable=True).indices]
+    rows, cols, mkey = rows[o], cols[o], mkey[o]
+    slot = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]  # index within its row
+    table = torch.full((c, p), torch.iinfo(torch.int64).max, dtype=torch.int64)  # > every real key
+    table[rows, slot] = mkey
+    bucket = torch.searchsorted(table, torch.from_numpy(key))  # [C, G]: # same-identity keys < key
+    del key
+    bucket += (torch.arange(c, dtype=torch.int64) * (p + 1))[:, None]
+    hist = torch.bincount(bucket.view(-1), minlength=c * (p + 1)).view(c, p + 1)
+    del bucket
+    # entries with bucket <= j are the keys <= the j-th same-identity key, itself included
+    pos = torch.cumsum(hist, 1)[rows, slot] - 1
+    excluded = (gc[cols] == qc[rows]).to(torch.int64)  # same pid AND same camera: dropped
+    return _stats_from_match_positions(rows, pos, excluded, c, g)
+
+
+# Tests set this to compare both implementations on float32 input.
+_FORCE_SORT = False
+
+
+def _rank_chunk(
+    d: torch.Tensor, qp: torch.Tensor, qc: torch.Tensor, gp: torch.Tensor, gc: torch.Tensor
+) -> ChunkStats:
+    """Per-query ranking statistics for one chunk of queries.
+
+    Args:
+        d: [C, G] distances; qp, qc: [C] query pids / camids; gp, gc: [G] gallery pids / camids.
+
+    Returns:
+        see ``_stats_from_match_positions``.
+    """
+    if d.dtype == torch.float32 and d.shape[1] < 2**31 and not _FORCE_SORT:
+        return _rank_chunk_keys(d, qp, qc, gp, gc)
+    return _rank_chunk_sort(d, qp, qc, gp, gc)
 
 
 def evaluate_rank(

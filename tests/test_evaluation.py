@@ -122,6 +122,18 @@ def test_ties_are_broken_by_gallery_index(dtype):
     assert abs(flipped["mAP"] - res["mAP"]) > 1e-6
 
 
+@pytest.mark.parametrize("force_sort", [False, True])
+def test_both_ranking_paths_match_brute_force_on_float32_ties(monkeypatch, force_sort):
+    # float32 normally takes the searchsorted path; _FORCE_SORT makes it sort whole rows instead
+    monkeypatch.setattr(ev, "_FORCE_SORT", force_sort)
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(8, nq=31, ng=90, dtype=np.float32)
+    distmat = np.round(distmat * 1.5).astype(np.float32)
+    distmat[:, ::7] = -0.0  # -0.0 ties with 0.0
+    for chunk in (None, 4):
+        res = ev.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=15, chunk_size=chunk)
+        assert_same(res, brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=15))
+
+
 def test_tie_rule_hand_case():
     pids = np.array([1])
     cams = np.array([0])
