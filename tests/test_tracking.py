@@ -121,9 +121,10 @@ def test_register_and_promotion_gate_on_server(mlflow_server: str, s3_env: str, 
     d = tracking.promote(model_name=name)
     assert not d.promoted and d.reason == "version 2 mAP 0.3500 does not beat 'champion' version 1 mAP 0.4000"
     assert tracking.describe_aliases(name)["champion"] == "1"
-    m3, e3, _ = _teacher(tmp_path, cfg, 3, 0.45)
-    register(cfg, str(m3), str(e3))
-    assert tracking.promote_main(model_name=name) == 0
-    assert tracking.describe_aliases(name) == {"candidate": "3", "champion": "3"}
     d = tracking.promote(version="2", model_name=name, force=True)
-    assert d.promoted and tracking.describe_aliases(name)["champion"] == "2"
+    assert d.promoted and d.reason == "forced: 'champion' -> version 2"
+    assert tracking.describe_aliases(name) == {"candidate": "2", "champion": "2"}
+    # version 1 (0.40) beats the current champion 2 (0.35): the gate lets it through
+    assert tracking.promote_main(version="1", model_name=name) == 0
+    assert "version 1 mAP 0.4000 beats version 2 mAP 0.3500" in capsys.readouterr().out
+    assert tracking.describe_aliases(name) == {"candidate": "2", "champion": "1"}
