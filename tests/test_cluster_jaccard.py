@@ -194,6 +194,19 @@ def test_dbscan_precomputed_matches_sklearn_with_border_points():
             assert np.array_equal(dbscan_precomputed(graph, eps, ms), expected), (trial, eps, ms)
 
 
+@pytest.mark.parametrize("k1,k2", CASES[:2])
+def test_max_distance_prunes_exactly(feats, k1, k2):
+    full = jaccard_distance(feats, k1=k1, k2=k2)
+    pruned = jaccard_distance(feats, k1=k1, k2=k2, max_distance=0.6)
+    coo = full.tocoo()
+    keep = (coo.data <= 0.6) | (coo.row == coo.col)
+    expected = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=full.shape)
+    assert pruned.nnz == keep.sum() < full.nnz / 3
+    assert np.array_equal(pruned.indptr, expected.indptr) and np.array_equal(pruned.indices, expected.indices)
+    assert np.array_equal(pruned.data, expected.data)
+    assert np.array_equal(dbscan_precomputed(pruned, 0.6, 4), dbscan_precomputed(full, 0.6, 4))
+
+
 def test_fewer_samples_than_k1():
     x = clustered_features(n_ids=4, per_id=(3, 5), d=8, noise=0.5, seed=1)
     ref = dense_jaccard_reference(x, k1=len(x), k2=3)  # the reference needs k1 <= N
@@ -221,3 +234,17 @@ def test_bad_features_raise(bad, match):
 def test_bad_k_raises(feats):
     with pytest.raises(ValueError, match="k1"):
         jaccard_distance(feats, k1=0)
+
+
+def test_many_blocks_and_chunks_give_the_same_matrix(feats, references, monkeypatch):
+    """Tiny block / buffer / chunk sizes (many blocks, rows split across output chunks) change nothing."""
+    from lf2core.cluster import jaccard as jac
+
+    base = jaccard_distance(feats, k1=20, k2=6)
+    monkeypatch.setattr(jac, "MINSUM_BLOCK_TERMS", 997)
+    monkeypatch.setattr(jac, "MINSUM_BUFFER", 3 * len(feats) + 5)
+    monkeypatch.setattr(jac._ChunkedOutput, "CHUNK", 1009)
+    small = jaccard_distance(feats, k1=20, k2=6)
+    assert np.array_equal(small.indptr, base.indptr) and np.array_equal(small.indices, base.indices)
+    assert np.array_equal(small.data, base.data)
+    np.testing.assert_allclose(as_dense(small), references[(20, 6)][0], atol=1e-5)

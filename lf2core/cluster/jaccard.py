@@ -183,7 +183,44 @@ def _unique_sorted(a: np.ndarray) -> np.ndarray:
     return a[keep]
 
 
-def jaccard_from_v(v: sp.csr_matrix, progress: bool = False) -> sp.csr_matrix:
+class _ChunkedOutput:
+    """Growable (indices, data) storage in large chunks (> glibc's mmap threshold, so a freed chunk goes
+    back to the OS), copied into the final arrays chunk by chunk: peak ~ output + one chunk."""
+
+    CHUNK = 12 << 20  # entries
+
+    def __init__(self, index_dtype) -> None:
+        self.index_dtype = index_dtype
+        self.chunks: list[tuple[np.ndarray, np.ndarray, int]] = []
+
+    def append(self, idx: np.ndarray, dat: np.ndarray) -> None:
+        pos = 0
+        while pos < len(idx):
+            if not self.chunks or self.chunks[-1][2] == len(self.chunks[-1][0]):
+                cap = max(self.CHUNK, 1)
+                self.chunks.append((np.empty(cap, self.index_dtype), np.empty(cap, np.float32), 0))
+            ci, cd, fill = self.chunks[-1]
+            take = min(len(idx) - pos, len(ci) - fill)
+            ci[fill : fill + take] = idx[pos : pos + take]
+            cd[fill : fill + take] = dat[pos : pos + take]
+            self.chunks[-1] = (ci, cd, fill + take)
+            pos += take
+
+    def finish(self, total: int, index_dtype) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.empty(total, dtype=index_dtype)
+        data = np.empty(total, dtype=np.float32)
+        pos = 0
+        self.chunks.reverse()
+        while self.chunks:
+            ci, cd, fill = self.chunks.pop()
+            indices[pos : pos + fill] = ci[:fill]
+            data[pos : pos + fill] = cd[:fill]
+            pos += fill
+            del ci, cd
+        return indices, data
+
+
+def jaccard_from_v(v: sp.csr_matrix, progress: bool = False, max_distance: Optional[float] = None) -> sp.csr_matrix:
     """Step 6 on a CSR matrix V: an ``N x N`` float32 CSR of ``1 - m/(2-m)``, clipped at 0.
 
     Stored entries are exactly the pairs sharing a column of V (explicit zeros kept), indices sorted.
@@ -193,7 +230,11 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False) -> sp.csr_matrix:
     order) come from a byte mask, and the sums from one ``bincount`` into that compact pattern. No sort,
     no per-row Python loop. The sum of a pair adds its shared columns in ascending order in both rows,
     so the result is exactly symmetric. Memory: V, the output, and O(``MINSUM_BLOCK_TERMS`` +
-    ``MINSUM_BUFFER``) temporaries (the output arrays are filled block by block as blocks are freed).
+    ``MINSUM_BUFFER``) temporaries (the output is kept in large chunks copied into the final arrays).
+
+    ``max_distance``: if given, only entries with distance ``<= max_distance`` are stored (the diagonal
+    always is); for DBSCAN with ``eps = max_distance`` this gives exactly the same clustering from a much
+    smaller matrix.
     """
     n = v.shape[0]
     v = sp.csr_matrix(v)
@@ -219,7 +260,8 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False) -> sp.csr_matrix:
     mark = np.zeros(max_rows * n, dtype=bool)
     slot = np.empty(max_rows * n, dtype=np.int64)
     index_dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
-    blocks = []  # (counts per row, partner indices, distances) in row order
+    counts_parts = []
+    store = _ChunkedOutput(index_dtype)
     for a, b in tqdm(list(zip(edges[:-1], edges[1:])), desc="jaccard min-sum", disable=not progress,
                      unit="block"):
         ea, eb = v.indptr[a], v.indptr[b]
@@ -240,27 +282,22 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False) -> sp.csr_matrix:
         del key, mins
         d = 1.0 - m / (2.0 - m)
         np.maximum(d, 0.0, out=d)
+        if max_distance is not None:
+            keep = d <= max_distance
+            keep |= cells % (n + 1) == a  # the diagonal cell (i - a) * n + i
+            cells, d = cells[keep], d[keep]
         row_end = np.searchsorted(cells, np.arange(1, b - a + 1, dtype=np.int64) * n)
         counts = np.diff(row_end, prepend=0)
         cells -= np.repeat(np.arange(b - a, dtype=np.int64) * n, counts)
-        blocks.append((counts, cells.astype(index_dtype), d.astype(np.float32)))
+        counts_parts.append(counts)
+        store.append(cells.astype(index_dtype), d.astype(np.float32))
         del cells, m, d
-    # assemble: output arrays written block by block while the block list is released
     indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([blk[0] for blk in blocks]), out=indptr[1:])
+    np.cumsum(np.concatenate(counts_parts), out=indptr[1:])
     total = int(indptr[-1])
     if total >= np.iinfo(np.int32).max:
         index_dtype = np.int64
-    indices = np.empty(total, dtype=index_dtype)
-    data = np.empty(total, dtype=np.float32)
-    blocks.reverse()
-    pos = 0
-    while blocks:
-        _, idx, d = blocks.pop()
-        indices[pos : pos + len(idx)] = idx
-        data[pos : pos + len(d)] = d
-        pos += len(idx)
-        del idx, d
+    indices, data = store.finish(total, index_dtype)
     out = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, n))
     out.has_sorted_indices = True
     return out
@@ -276,6 +313,7 @@ def jaccard_distance(
     knn_result: Optional[tuple[np.ndarray, np.ndarray]] = None,
     progress: bool = False,
     timings: Optional[dict] = None,
+    max_distance: Optional[float] = None,
 ) -> sp.csr_matrix:
     """k-reciprocal Jaccard distance of the rows of ``features``, as a sparse matrix.
 
@@ -288,6 +326,10 @@ def jaccard_distance(
             ``i`` first in row ``i`` (skips the search).
         progress: tqdm bars for the kNN and the min-sum.
         timings: if a dict is given, ``knn_s`` / ``v_s`` / ``minsum_s`` wall times are stored in it.
+        max_distance: store only the entries ``<= max_distance`` (and the diagonal). ``None`` (default):
+            every pair sharing a column of V, the documented contract. ``pseudo_labels`` passes ``eps``:
+            DBSCAN only looks at entries ``<= eps``, and the matrix shrinks from ~2,000 stored entries per
+            row (k1=30) to the few true neighbours.
 
     Returns:
         ``scipy.sparse.csr_matrix`` ``[N, N]`` float32, symmetric, sorted indices. Stored entries are the
@@ -313,7 +355,7 @@ def jaccard_distance(
     t1 = time.perf_counter()
     v = build_v(x, rank, sims, int(k1), int(k2))
     t2 = time.perf_counter()
-    dist = jaccard_from_v(v, progress=progress)
+    dist = jaccard_from_v(v, progress=progress, max_distance=max_distance)
     t3 = time.perf_counter()
     if timings is not None:
         timings.update(knn_s=t1 - t0, v_s=t2 - t1, minsum_s=t3 - t2, v_nnz=int(v.nnz), nnz=int(dist.nnz))

@@ -43,6 +43,23 @@ def _faiss_available() -> bool:
     return True
 
 
+def _auto_backend() -> str:
+    """faiss on GPU if it has GPUs; else torch on CUDA if available; else faiss (CPU); else torch (CPU)."""
+    if _faiss_available():
+        import faiss
+
+        if hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU here
+            return "faiss"
+    try:
+        import torch
+
+        if torch.cuda.is_available():  # pragma: no cover - no GPU here
+            return "torch"
+    except ImportError:  # pragma: no cover
+        pass
+    return "faiss" if _faiss_available() else "torch"
+
+
 def _knn_faiss(x: np.ndarray, k: int, chunk_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
@@ -96,7 +113,7 @@ def knn(
     Args:
         features: ``[N, d]`` float array (L2-normalised for cosine neighbours).
         k: neighbours per row, ``1 <= k <= N`` (the row itself counts as one of them).
-        backend: ``"faiss"``, ``"torch"`` or ``"auto"`` (faiss when importable).
+        backend: ``"faiss"``, ``"torch"`` or ``"auto"`` (faiss-GPU, else torch-CUDA, else faiss-CPU).
         chunk_size: query rows per block (default: 4096 for faiss; for torch, enough rows that a
             ``[chunk, N]`` float32 block is ~256 MiB).
         self_first: guarantee ``indices[i, 0] == i`` (the k-reciprocal semantics need "i itself first").
@@ -113,7 +130,7 @@ def knn(
         raise ValueError(f"knn: k must be an integer in [1, N={n}], got {k!r}")
     k = int(k)
     if backend == "auto":
-        backend = "faiss" if _faiss_available() else "torch"
+        backend = _auto_backend()
     if backend == "faiss":
         sims, idx = _knn_faiss(x, k, chunk_size or 4096, progress)
     elif backend == "torch":

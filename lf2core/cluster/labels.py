@@ -147,7 +147,9 @@ def pseudo_labels(
     if method == "dbscan":
         if not 0.0 < eps:
             raise ValueError(f"pseudo_labels: eps must be > 0, got {eps}")
-        dist = jaccard_distance(features, k1=k1, k2=k2, knn_backend=knn_backend, progress=progress)
+        # entries > eps are never DBSCAN neighbours: not storing them gives the same labels in less memory
+        dist = jaccard_distance(features, k1=k1, k2=k2, knn_backend=knn_backend, progress=progress,
+                                max_distance=eps)
         return dbscan_precomputed(dist, eps=eps, min_samples=min_samples)
     if method == "kmeans":
         return kmeans_labels(
