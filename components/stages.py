@@ -130,6 +130,7 @@ def cluster(config: str, object_prefix: str, run_id: str, round_index: int, feat
     rt.record_output(labels, out)
     stats_file = rt.local_file(out, "stats.json")
     stats = json.loads(stats_file.read_text()) if stats_file is not None else (result or {})
+    stats = {k: v for k, v in stats.items() if k not in ("round", "method")}
     rid = rt.tracking_run(run_id)
     tracking.log_metrics(stats, step=round_index, run_id=rid, prefix="cluster")
     for name in ("stats.json", "cluster_stats.png"):

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .. import storage, tracking
-from ..checkpoint import load_checkpoint
 from ..config import Config
 from ..errors import CheckpointError, DataError
 
@@ -39,29 +38,33 @@ def _resolve(uri: str, filename: str) -> str:
     return storage.join(uri, filename)
 
 
-def load_eval_model(cfg: Config, model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The teacher of a finetune output as an eval-mode ``LF2Model`` (CPU) and its checkpoint dict."""
-    from ..models.lf2 import LF2Model
+class EvalFeatureModel(torch.nn.Module):
+    """The evaluated network as one module: ``[B, 3, H, W]`` -> L2-normalised feature ``[B, D]``.
 
-    path = _resolve(model_uri, "teacher.pt")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "lf2":
-        raise CheckpointError(f"checkpoint {path}: kind {ckpt.get('kind')!r}, register expects an 'lf2' "
-                              f"teacher (a finetune output)")
-    mcfg = (ckpt.get("config") or {}).get("model", {})
-    net = LF2Model(
-        arch=ckpt["arch"],
-        num_classes=int(ckpt.get("num_classes") or cfg.cluster.num_clusters),
-        num_parts=int(mcfg.get("num_parts", cfg.model.num_parts)),
-        reduction=int(mcfg.get("attention_reduction", cfg.model.attention_reduction)),
-        weights="none",
-        last_stride=int(mcfg.get("last_stride", cfg.model.last_stride)),
-    )
-    try:
-        net.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: does not match LF2Model({ckpt['arch']}): {e}") from None
-    return net.eval(), ckpt
+    ``variant`` ``lf2`` / ``source``: the network's own eval forward; ``mt_global``: the normalised global
+    feature only (what ``evaluate`` measures for the MT baseline).
+    """
+
+    def __init__(self, net: torch.nn.Module, variant: str) -> None:
+        super().__init__()
+        self.net = net
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant == "mt_global":
+            return torch.nn.functional.normalize(self.net.features(x).global_feat, dim=1)
+        return self.net(x)
+
+
+def load_eval_model(cfg: Config, model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The teacher of a finetune output as the eval-mode module ``evaluate`` measured (CPU) + info."""
+    from .evaluate import load_eval_network
+
+    net, _, info = load_eval_network(cfg, model_uri)
+    if info["kind"] != "lf2":
+        raise CheckpointError(f"checkpoint {info['checkpoint']}: kind {info['kind']!r}, register expects an "
+                              f"'lf2' teacher (a finetune output)")
+    return EvalFeatureModel(net.cpu(), info["variant"]).eval(), info
 
 
 def read_metrics(metrics_uri: str) -> dict[str, Any]:
@@ -78,15 +81,16 @@ def read_metrics(metrics_uri: str) -> dict[str, Any]:
 def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None) -> dict[str, Any]:
     """Log + register the teacher; returns ``{"registered", "name", "version", "model_uri", "mAP", ...}``."""
     scores = read_metrics(metrics)
-    net, ckpt = load_eval_model(cfg, model)
+    net, info = load_eval_model(cfg, model)
     h, w = cfg.data.height, cfg.data.width
     example = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
     tags: dict[str, Any] = {
         "lf2.recipe": cfg.recipe,
         "lf2.source": f"{cfg.data.source.name}:{cfg.data.source.root}",
         "lf2.target": f"{cfg.data.target.name}:{cfg.data.target.root}",
-        "lf2.arch": ckpt["arch"],
-        "lf2.checkpoint": _resolve(model, "teacher.pt"),
+        "lf2.arch": info["arch"],
+        "lf2.variant": info["variant"],
+        "lf2.checkpoint": info["checkpoint"],
         "lf2.input": f"float32[B,3,{h},{w}] normalised RGB",
     }
     if "synthetic" in (cfg.data.source.name, cfg.data.target.name):
