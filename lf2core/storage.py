@@ -194,6 +194,30 @@ def _retry(uri: str, fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _parallel(fn: Callable[[Any], None], items: list) -> None:
+    """Run ``fn`` over ``items`` on ``$LF2_S3_WORKERS`` threads (default 8); the first error is raised
+    once the running transfers end (boto3 clients are thread-safe)."""
+    workers = max(1, int(os.environ.get("LF2_S3_WORKERS", "8")))
+    if workers == 1 or len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        futures = [pool.submit(fn, it) for it in items]
+        errors = []
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:  # collect; cancel the rest
+                errors.append(e)
+                for g in futures:
+                    g.cancel()
+        if errors:
+            raise errors[0]
+
+
 def _head(uri: str) -> Optional[dict]:
     """HEAD an object; None if it does not exist (a missing bucket raises)."""
     bucket, key = split_s3(uri)
@@ -313,11 +337,15 @@ def _download_into(slot: Path, items: list[tuple[str, str]], uri: str, bucket: s
     tmp = Path(tempfile.mkdtemp(prefix=f".{slot.name}.", suffix=".partial", dir=slot.parent))
     try:
         cfg = _transfer_config()
-        for key, rel in items:
+        client = _s3()
+
+        def one(item: tuple[str, str]) -> None:
+            key, rel = item
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _retry(f"s3://{bucket}/{key}",
-                   lambda key=key, dest=dest: _s3().download_file(bucket, key, str(dest), Config=cfg))
+            _retry(f"s3://{bucket}/{key}", lambda: client.download_file(bucket, key, str(dest), Config=cfg))
+
+        _parallel(one, items)
         try:
             os.replace(tmp, slot)
         except OSError:
@@ -451,8 +479,7 @@ def _commit_s3(tmp: Path, uri: str, bucket: str, key: str) -> None:
     _retry(uri, lambda: _s3().delete_object(Bucket=bucket, Key=marker))
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
     new_keys = {prefix + str(p.relative_to(tmp)).replace(os.sep, "/") for p in files}
-    for p in files:
-        upload_file(p, f"s3://{bucket}/{prefix}{p.relative_to(tmp).as_posix()}")
+    _parallel(lambda p: upload_file(p, f"s3://{bucket}/{prefix}{p.relative_to(tmp).as_posix()}"), files)
     stale = [o["Key"] for o in _list(uri) if o["Key"] not in new_keys and o["Key"] != marker]
     if stale:
         _delete_keys(uri, bucket, stale)

@@ -160,3 +160,21 @@ def test_retries_give_up_with_clear_error(stubbed: Stubber, monkeypatch: pytest.
         stubbed.add_client_error("put_object", service_error_code="SlowDown", http_status_code=503)
     with pytest.raises(StorageError, match=r"^s3://b/k: S3 error SlowDown"):
         storage.write_bytes("s3://b/k", b"v")
+
+
+def test_s3_failed_upload_leaves_no_complete_marker(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"s3://{s3_env}/runs/r2/finetune"
+    real = storage.upload_file
+
+    def flaky(path, dest):  # one of 20 files cannot be uploaded
+        if str(dest).endswith("f07.bin"):
+            raise StorageError(f"{dest}: access denied (AccessDenied)")
+        real(path, dest)
+
+    monkeypatch.setattr(storage, "upload_file", flaky)
+    with pytest.raises(StorageError, match=r"f07\.bin: access denied"):
+        with storage.output_dir(uri) as d:
+            for i in range(20):
+                (d / f"f{i:02d}.bin").write_bytes(bytes([i]))
+    assert not storage.is_complete(uri)
+    assert f"runs/r2/finetune/{storage.COMPLETE_MARKER}" not in _objects(s3_env)
