@@ -15,12 +15,13 @@ Where a stage output lives:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 LOCATION_FILE = "LOCATION"
 log = logging.getLogger("lf2.components")
@@ -147,6 +148,23 @@ def png_html(title: str, png: Optional[Path], caption: str = "") -> str:
 
 def tracking_run(run_id: str) -> Optional[str]:
     return run_id or None
+
+
+@contextlib.contextmanager
+def failure_marks_run(run_id: str) -> Iterator[None]:
+    """If the stage raises, mark the pipeline's MLflow run FAILED (a retry that succeeds logs on, and
+    ``register`` closes the run FINISHED), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        if run_id:
+            from lf2core import tracking
+
+            try:
+                tracking.end_run(run_id, status="FAILED")
+            except Exception as e:  # never hide the stage's own error
+                log.warning("could not mark MLflow run %s FAILED: %s", run_id, e)
+        raise
 
 
 def env_summary() -> dict[str, Any]:

@@ -108,7 +108,8 @@ def extract_features(config: str, object_prefix: str, run_id: str, round_index: 
     data_uri, model_uri = rt.input_location(data), rt.input_location(model)
     out = rt.output_location(features, object_prefix, "extract-features", config, data_uri, model_uri,
                              round_index, run_id)
-    result = stage(cfg, data_uri, model_uri, out)
+    with rt.failure_marks_run(run_id):
+        result = stage(cfg, data_uri, model_uri, out)
     rt.record_output(features, out, result)
     tracking.log_metrics(result, step=round_index, run_id=rt.tracking_run(run_id), prefix="extract")
 
@@ -126,7 +127,8 @@ def cluster(config: str, object_prefix: str, run_id: str, round_index: int, feat
     cfg = rt.load_config(config)
     feat_uri = rt.input_location(features)
     out = rt.output_location(labels, object_prefix, "cluster", config, feat_uri, round_index, run_id)
-    result = stage(cfg, feat_uri, out, round_index=round_index)
+    with rt.failure_marks_run(run_id):
+        result = stage(cfg, feat_uri, out, round_index=round_index)
     rt.record_output(labels, out)
     stats_file = rt.local_file(out, "stats.json")
     stats = json.loads(stats_file.read_text()) if stats_file is not None else (result or {})
@@ -154,7 +156,8 @@ def finetune(config: str, object_prefix: str, run_id: str, round_index: int, dat
     data_uri, labels_uri, model_uri = rt.input_location(data), rt.input_location(labels), rt.input_location(model)
     out = rt.output_location(finetuned, object_prefix, "finetune", config, data_uri, labels_uri, model_uri,
                              round_index, run_id)
-    result = stage(cfg, data_uri, labels_uri, model_uri, out, round_index=round_index)
+    with rt.failure_marks_run(run_id):
+        result = stage(cfg, data_uri, labels_uri, model_uri, out, round_index=round_index)
     rt.record_output(finetuned, out, result)
     rt.log_kfp_metrics(metrics, result or {})
     tracking.log_metrics(result or {}, step=round_index, run_id=rt.tracking_run(run_id), prefix="finetune")
@@ -172,7 +175,8 @@ def evaluate(config: str, object_prefix: str, run_id: str, data: Input[Dataset],
     cfg = rt.load_config(config)
     data_uri, model_uri = rt.input_location(data), rt.input_location(model)
     out = rt.output_location(results, object_prefix, "evaluate", config, data_uri, model_uri, run_id)
-    result = stage(cfg, data_uri, model_uri, out)
+    with rt.failure_marks_run(run_id):
+        result = stage(cfg, data_uri, model_uri, out)
     rt.record_output(results, out, result)
     rt.log_kfp_metrics(metrics, result, ["mAP", "R1", "R5", "R10", "mINP"])
     rid = rt.tracking_run(run_id)
@@ -196,7 +200,8 @@ def register(config: str, run_id: str, model: Input[Model], results: Input[Artif
 
     rt.setup_logging()
     cfg = rt.load_config(config)
-    result = stage(cfg, rt.input_location(model), rt.input_location(results), run_id=rt.tracking_run(run_id))
+    with rt.failure_marks_run(run_id):
+        result = stage(cfg, rt.input_location(model), rt.input_location(results), run_id=rt.tracking_run(run_id))
     version = str(result.get("version", "")) if result.get("registered") else ""
     rows = [("registered model", cfg.tracking.registered_model), ("version", version or "-"),
             ("alias", result.get("alias", "-")), ("mAP", result.get("mAP")), ("MLflow run", run_id or "-")]

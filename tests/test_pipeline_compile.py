@@ -103,3 +103,24 @@ def test_rounds_mismatch_is_refused() -> None:
         resolve_config("demo", '["finetune.rounds=2"]', "", "", "", 3)
     with pytest.raises(ConfigError, match="pipeline parameter 'overrides'"):
         resolve_config("demo", "finetune.rounds=2", "", "", "", -1)
+
+
+def test_failed_stage_marks_mlflow_run_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from components._runtime import failure_marks_run
+    from lf2core import tracking
+    from lf2core.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LF2_TRACKING", raising=False)
+    run_id = tracking.create_run(load_config("demo"), "p")
+    with pytest.raises(ValueError, match="stage broke"):
+        with failure_marks_run(run_id):
+            raise ValueError("stage broke")
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    assert client.get_run(run_id).info.status == "FAILED"
+    with failure_marks_run(run_id):  # success leaves the status alone
+        pass
+    assert client.get_run(run_id).info.status == "FAILED"
