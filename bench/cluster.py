@@ -5,7 +5,9 @@ Every configuration runs in its own subprocess so that its peak RSS (``ru_maxrss
     .venv/bin/python bench/cluster.py                       # the default set below (many minutes on 2 cores)
     .venv/bin/python bench/cluster.py --only sparse:12936:2048 dense:12936:2048
 
-Configurations ``KIND:N:D``: ``sparse`` = knn + jaccard_distance + DBSCAN of lf2core.cluster; ``dense`` = the
+Configurations ``KIND:N:D``: ``sparse`` = knn + jaccard_distance (full matrix: every pair sharing a column
+of V) + DBSCAN of lf2core.cluster; ``pipe`` = the same as ``pseudo_labels`` runs it (only entries <= eps
+stored: identical labels, far less memory); ``dense`` = the
 same faiss kNN, then the reference algorithm with dense N x N float32 matrices and per-row Python loops
 (``dense_jaccard_reference`` in tests/test_cluster_jaccard.py, written from the SpCL semantics), then
 sklearn DBSCAN(metric="precomputed") on the dense matrix -- what SpCL / OpenUnReID do.
@@ -31,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ["sparse:12936:2048", "dense:12936:2048", "sparse:10000:256", "sparse:30000:256", "sparse:100000:256"]
+DEFAULT = ["sparse:12936:2048", "pipe:12936:2048", "dense:12936:2048", "pipe:10000:256", "pipe:30000:256",
+           "pipe:100000:256"]
 
 
 def synth(n: int, d: int, per_id: float = 17.2, cams: int = 6, noise: float = 1.0, cam_w: float = 0.35,
@@ -63,10 +66,10 @@ def worker(kind: str, n: int, d: int, per_id: float, labels_out: str) -> dict:
     sims, rank = knn(x, 30)
     t1 = time.perf_counter()
     res["knn_s"] = t1 - t0
-    if kind == "sparse":
+    if kind in ("sparse", "pipe"):
         v = build_v(x, rank, sims, 30, 6)
         t2 = time.perf_counter()
-        dist = jaccard_from_v(v)
+        dist = jaccard_from_v(v, max_distance=0.6 if kind == "pipe" else None)
         t3 = time.perf_counter()
         labels = dbscan_precomputed(dist, 0.6, 4)
         t4 = time.perf_counter()
@@ -128,12 +131,14 @@ def main() -> None:
     print(f"# load average at end: {os.getloadavg()}")
 
     by = {(r["kind"], r["N"], r["d"]): r for r in results}
-    s, dn = by.get(("sparse", 12936, 2048)), by.get(("dense", 12936, 2048))
-    if s and dn:
+    for s, dn in ((by.get(("sparse", 12936, 2048)), by.get(("dense", 12936, 2048))),
+                  (by.get(("pipe", 12936, 2048)), by.get(("dense", 12936, 2048)))):
+        if not (s and dn):
+            continue
         a, b = np.load(s["labels"]), np.load(dn["labels"])
         from sklearn.metrics import adjusted_rand_score
 
-        print(f"\nN=12936 x 2048: sparse total {s['total_s']:.1f}s vs dense {dn['total_s']:.1f}s "
+        print(f"\nN=12936 x 2048: {s['kind']} total {s['total_s']:.1f}s vs dense {dn['total_s']:.1f}s "
               f"-> {dn['total_s'] / s['total_s']:.1f}x; after-kNN {s['after_knn_s']:.2f}s = "
               f"{100 * s['after_knn_s'] / s['knn_s']:.0f}% of kNN {s['knn_s']:.2f}s (dense after-kNN "
               f"{dn['after_knn_s']:.1f}s); peak RSS {s['peak_rss_mb']:.0f} vs {dn['peak_rss_mb']:.0f} MB; "

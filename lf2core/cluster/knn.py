@@ -12,6 +12,8 @@ Queries are processed in chunks of ``chunk_size`` rows, so the only O(N)-sized o
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Literal, Optional
 
 import numpy as np
@@ -50,13 +52,15 @@ def _auto_backend() -> str:
 
         if hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU here
             return "faiss"
-    try:
-        import torch
+    # importing torch costs ~0.5 GB of RSS: only look for CUDA when torch is loaded or a GPU exists
+    if "torch" in sys.modules or os.path.exists("/dev/nvidia0"):
+        try:
+            import torch
 
-        if torch.cuda.is_available():  # pragma: no cover - no GPU here
-            return "torch"
-    except ImportError:  # pragma: no cover
-        pass
+            if torch.cuda.is_available():  # pragma: no cover - no GPU here
+                return "torch"
+        except ImportError:  # pragma: no cover
+            pass
     return "faiss" if _faiss_available() else "torch"
 
 
