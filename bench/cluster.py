@@ -44,9 +44,15 @@ def synth(n: int, d: int, per_id: float = 17.2, cams: int = 6, noise: float = 1.
     ids = max(1, int(round(n / per_id)))
     pid = rng.integers(0, ids, size=n)
     cam = rng.integers(0, cams, size=n)
-    x = rng.standard_normal((ids, d), dtype=np.float32)[pid]
-    x += cam_w * rng.standard_normal((cams, d), dtype=np.float32)[cam]
-    x += noise * rng.standard_normal((n, d), dtype=np.float32)
+    centers = rng.standard_normal((ids, d), dtype=np.float32)
+    cam_vec = rng.standard_normal((cams, d), dtype=np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    step = 4096  # in chunks: the generator's own peak memory stays ~ the features
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        x[a:b] = centers[pid[a:b]]
+        x[a:b] += cam_w * cam_vec[cam[a:b]]
+        x[a:b] += noise * rng.standard_normal((b - a, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, pid, cam
 

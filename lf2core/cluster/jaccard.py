@@ -25,7 +25,8 @@ How it is computed without any ``N x N`` array or per-row Python loop:
 - the min-sum (6) uses V's columns as inverted lists: for every stored ``V[i, c]`` and every row ``j``
   of column ``c`` it emits ``min(V[i, c], V[j, c])``, in blocks of rows; the block's distinct pairs come
   from a byte mask (already in sorted order) and their sums from one ``bincount`` (see
-  :func:`jaccard_from_v`).
+  :func:`jaccard_from_v`). Work: O(sum over columns of count^2) terms (~3,400 per row at k1=30, k2=6)
+  plus a scan of N^2 mask bytes in total (1e10 bytes at N = 100k: seconds, next to the O(N^2 d) kNN).
 
 The result stores exactly the pairs that share a column of V (the diagonal included, value 0); every
 absent pair has distance 1, as in the dense reference.
