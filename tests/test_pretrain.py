@@ -17,6 +17,15 @@ from lf2core.data.manifest import write_manifest
 from lf2core.stages.pretrain import lr_factor, pretrain_source, work_dir
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine 2 threads were ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _write_domain(root: Path, ids: int, test_ids: int, shift: float, seed: int) -> Splits:
     """Tiny Market-like domain: each identity a colour pair (top/bottom halves), 2 cameras, noise."""
     rng = np.random.default_rng(seed)
@@ -53,7 +62,7 @@ def tiny_cfg(*extra: str):
     return load_config("demo", [
         "model.arch=resnet18_narrow", "model.weights=none", "data.height=32", "data.width=16",
         "data.num_workers=0", "pretrain.epochs=3", "pretrain.iters_per_epoch=2", "pretrain.batch_size=8",
-        "pretrain.num_instances=2", "pretrain.warmup_epochs=1", "pretrain.milestones=[2]",
+        "pretrain.num_instances=2", "pretrain.lr=0.00035", "pretrain.warmup_epochs=1", "pretrain.milestones=[2]",
         "pretrain.eval_every=2", "eval.batch_size=32", "device=cpu", *extra,
     ])
 
