@@ -104,12 +104,18 @@ def record_output(artifact: Any, location: str, metrics: Optional[dict] = None) 
 
 
 def log_kfp_metrics(out: Any, metrics: dict, keys: Optional[list[str]] = None) -> None:
-    """Scalar metrics into a KFP ``Metrics`` artifact (shown in the run's UI)."""
+    """Scalar metrics into a KFP ``Metrics`` artifact (shown in the run's UI).
+
+    They are also written as JSON at the artifact's path: KFP's local cache treats an output whose file
+    is missing as a cache miss, so a metadata-only artifact would defeat caching."""
+    logged = {}
     for k, v in metrics.items():
         if keys is not None and k not in keys:
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out.log_metric(k, float(v))
+            logged[k] = float(v)
+    write_text(out, json.dumps(logged, indent=2, sort_keys=True) + "\n")
 
 
 def local_file(location: str, name: str) -> Optional[Path]:
