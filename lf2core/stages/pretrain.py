@@ -226,6 +226,8 @@ def pretrain_source(
             loss = loss_ce + loss_tri
             if tgt_iter is not None:  # BN statistics see the target domain (no grad, no loss)
                 xt = next(tgt_iter)[0].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    xt = xt.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad(), autocast_context(device, use_amp):
                     model(xt)
             optimizer.zero_grad(set_to_none=True)
