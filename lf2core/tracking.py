@@ -471,3 +471,6 @@ def write_json_artifact(data: Mapping[str, Any], artifact_file: str, run_id: Opt
         p.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
         parent = str(Path(artifact_file).parent)
         log_artifact(p, None if parent == "." else parent, run_id=run_id)
+
+
+register_model = log_and_register_model  # the name used in docs/internal-api.md
