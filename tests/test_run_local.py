@@ -1,0 +1,150 @@
+"""Stage evaluate against per-image reference features, and the in-process runner (outputs, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lf2core.checkpoint import save_checkpoint
+from lf2core.data.loaders import load_image
+from lf2core.data.manifest import read_manifest, split
+from lf2core.data.transforms import test_transform as make_test_transform
+from lf2core.errors import CheckpointError
+from lf2core.evaluation import evaluate_rank
+from lf2core.models import SourceModel, build_target_model, save_mean_teacher
+from test_pretrain import make_tiny_data, tiny_cfg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runlocal")
+    data = make_tiny_data(tmp)
+    cfg = tiny_cfg("finetune.batch_size=8", "finetune.num_instances=2", "finetune.iters_per_epoch=2",
+                   "finetune.rounds=2", "cluster.method=kmeans", "cluster.num_clusters=4",
+                   "cluster.kmeans_init_size=12")
+    torch.manual_seed(3)
+    src = SourceModel("resnet18_narrow", 6)
+    src.train()(torch.randn(8, 3, 32, 16))
+    save_checkpoint(str(tmp / "pre" / "model.pt"), src, "source", cfg)
+    return tmp, data, cfg, src
+
+
+def manual_metrics(fn, data, cfg):
+    """Features image by image (test transform, + flipped image, renormalised) -> mAP / R1."""
+    m = read_manifest(data)
+    tf = make_test_transform(cfg.data.height, cfg.data.width)
+    feats = {}
+    for name in ("target_query", "target_gallery"):
+        rows = []
+        with torch.no_grad():
+            for s in split(m, name):
+                x = tf(load_image(s.path))[None]
+                rows.append(F.normalize(fn(x) + fn(torch.flip(x, dims=[3])), dim=1)[0])
+        feats[name] = torch.stack(rows)
+    q, g = feats["target_query"], feats["target_gallery"]
+    dist = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1).numpy()
+    qs, gs = split(m, "target_query"), split(m, "target_gallery")
+    r = evaluate_rank(dist, np.array([s.pid for s in qs]), np.array([s.pid for s in gs]),
+                      np.array([s.camid for s in qs]), np.array([s.camid for s in gs]))
+    return float(r["mAP"]), float(r["cmc"][0])
+
+
+def test_evaluate_source_and_teacher_against_reference(tiny, tmp_path):
+    from lf2core.stages.evaluate import evaluate
+
+    tmp, data, cfg, src = tiny
+    got = evaluate(cfg, str(data), str(tmp / "pre"), str(tmp_path / "ev_src"))
+    assert set(json.loads((tmp_path / "ev_src" / "metrics.json").read_text())) == {"mAP", "R1", "R5", "R10", "mINP"}
+    assert (tmp_path / "ev_src" / "ranklist.png").stat().st_size > 1000
+    src.eval()
+    mAP, r1 = manual_metrics(src, data, cfg)
+    assert got["mAP"] == pytest.approx(mAP, abs=1e-4) and got["R1"] == pytest.approx(r1, abs=1e-6)
+
+    # a finetune output: the teacher's cat[f0, f1, f2]; mt_global: f0 alone
+    mt = build_target_model(cfg, src.state_dict(), num_classes=4)
+    mt.train()
+    mt.teacher(torch.randn(8, 3, 32, 16))  # teacher BN statistics of its own
+    mt.eval()
+    for variant in ("lf2", "mt_global"):
+        d = tmp_path / variant
+        save_mean_teacher(mt, str(d), cfg, extra={"variant": variant})
+        got = evaluate(cfg, str(data), str(d), str(tmp_path / f"ev_{variant}"))
+        if variant == "lf2":
+            fn = mt.teacher
+        else:
+            def fn(x):
+                return F.normalize(mt.teacher.features(x).global_feat, dim=1)
+        mAP, r1 = manual_metrics(fn, data, cfg)
+        assert got["mAP"] == pytest.approx(mAP, abs=1e-4), variant
+        assert got["R1"] == pytest.approx(r1, abs=1e-6), variant
+    with pytest.raises(CheckpointError, match="neither a finetune output"):
+        evaluate(cfg, str(data), str(tmp_path / "nothing"), str(tmp_path / "x"))
+
+
+def test_run_local_outputs_and_resume(tiny, tmp_path, monkeypatch):
+    from lf2core.stages import run_local as rl
+    from lf2core.stages import finetune as ft_mod
+
+    tmp, data, cfg, _ = tiny
+    out = tmp_path / "run"
+    seen = []
+    # crash in round 1's finetune: rounds before it must not be redone on the re-run
+    real = ft_mod.finetune
+    calls = {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft_mod, "finetune", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1)
+    assert (out / "round_00" / "model" / "_COMPLETE").exists() and (out / "round_01" / "labels" / "_COMPLETE").exists()
+    assert not (out / "round_01" / "model").exists()
+    done_before = (out / "round_00" / "model" / "teacher.pt").stat().st_mtime_ns
+    monkeypatch.setattr(ft_mod, "finetune", real)
+    summary = rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1,
+                           on_metrics=lambda m, s: seen.append((m, s)))
+    assert (out / "round_00" / "model" / "teacher.pt").stat().st_mtime_ns == done_before
+    assert set(summary["metrics"]) == {"mAP", "R1", "R5", "R10", "mINP"}
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    r0 = summary["rounds"][0]
+    assert r0["cluster"]["global"]["num_clusters"] == 4 and 0 <= r0["cluster"]["upper"]["nmi"] <= 1
+    assert "eval" in r0 and r0["finetune"]["global_step"] == 2
+    assert summary["rounds"][1]["finetune"]["global_step"] == 4
+    assert summary["rounds"][1]["eval"] == summary["metrics"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["metrics"] == summary["metrics"]
+    keys = {k for m, _ in seen for k in m}
+    assert {"finetune/loss", "cluster/global/nmi", "eval/mAP", "eval_round/mAP"} <= keys
+    # everything complete: a re-run recomputes nothing and returns the same figures
+    for mod, name in ((ft_mod, "finetune"),):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("stage re-run"))
+    import lf2core.stages.extract as ex
+    monkeypatch.setattr(ex, "extract_features", lambda *a, **k: pytest.fail("stage re-run"))
+    again = rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1)
+    assert again["metrics"] == summary["metrics"]
+
+
+def test_target_as_source_manifest(tiny, tmp_path):
+    from lf2core.stages.run_local import target_as_source_manifest
+
+    tmp, data, cfg, _ = tiny
+    o = target_as_source_manifest(str(data), str(tmp_path / "oracle"))
+    m, m0 = read_manifest(o), read_manifest(data)
+    for sp in ("train", "query", "gallery"):
+        assert m["source"].split(sp) == m0["target"].split(sp) == m["target"].split(sp)
