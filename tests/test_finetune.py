@@ -5,7 +5,6 @@ exact resume."""
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
