@@ -36,7 +36,10 @@ def load_config(config_yaml: str):
     from lf2core import storage
     from lf2core.config import config_from_yaml
 
+    from lf2core import tracking
+
     cfg = config_from_yaml(config_yaml)
+    tracking.use(cfg)  # tracking.tracking_uri of the config, else $MLFLOW_TRACKING_URI, else ./mlflow.db
     if cfg.data.cache_dir:
         storage.set_cache_dir(cfg.data.cache_dir)
     return cfg

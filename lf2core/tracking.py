@@ -102,6 +102,16 @@ def resolve_tracking_uri(cfg: Any = None, tracking_uri: Optional[str] = None) ->
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+_uri: Optional[str] = None  # the store chosen by the last use()/configure() in this process
+
+
+def use(cfg: Any = None, tracking_uri: Optional[str] = None) -> str:
+    """Choose the tracking store for this process (cheap: does not import mlflow); returns its URI."""
+    global _uri
+    _uri = resolve_tracking_uri(cfg, tracking_uri)
+    return _uri
+
+
 def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
@@ -116,7 +126,7 @@ def configure(cfg: Any = None, tracking_uri: Optional[str] = None, experiment: O
         return None
     import mlflow
 
-    uri = resolve_tracking_uri(cfg, tracking_uri)
+    uri = use(cfg, tracking_uri)
     mlflow.set_tracking_uri(uri)
     name = experiment or (cfg.tracking.experiment if cfg is not None else "lf2")
     client = mlflow.MlflowClient()
@@ -138,7 +148,7 @@ def configure(cfg: Any = None, tracking_uri: Optional[str] = None, experiment: O
 def _client() -> Any:
     import mlflow
 
-    return mlflow.MlflowClient()
+    return mlflow.MlflowClient(tracking_uri=_uri or resolve_tracking_uri())
 
 
 # ============================================================================================ runs
@@ -435,7 +445,7 @@ def promote(
 def _set_uri(tracking_uri: Optional[str]) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri=tracking_uri))
+    mlflow.set_tracking_uri(use(tracking_uri=tracking_uri))
 
 
 def promote_main(version: Optional[str] = None, alias: str = "champion", min_map: Optional[float] = None,
@@ -449,10 +459,11 @@ def promote_main(version: Optional[str] = None, alias: str = "champion", min_map
     return 1
 
 
-def describe_aliases(model_name: str = "lf2-reid") -> dict[str, str]:
+def describe_aliases(model_name: str = "lf2-reid", tracking_uri: Optional[str] = None) -> dict[str, str]:
     """``{alias: version}`` of a registered model (empty when disabled or missing)."""
     if not enabled():
         return {}
+    _set_uri(tracking_uri)
     from mlflow.exceptions import MlflowException
 
     try:

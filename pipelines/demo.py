@@ -86,7 +86,7 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
                         run_name=f"demo{'-s3' if use_s3 else ''}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache)
         decision = tracking.promote(version=res["version"] or None, alias="champion",
                                     tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-        aliases = tracking.describe_aliases("lf2-reid")
+        aliases = tracking.describe_aliases("lf2-reid", os.environ["MLFLOW_TRACKING_URI"])
         m = res["metrics"]
         rows: list[tuple[str, Any]] = [(k, float(m[k])) for k in ("mAP", "R1", "R5", "R10", "mINP") if k in m]
         rows += [("MLflow run", res["run_id"]), ("model version", f"lf2-reid v{res['version']}"),
