@@ -251,11 +251,14 @@ def fast_step(
     channels_last: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
     scaler: Optional[Any] = None,
+    teacher_pass: bool = True,
 ) -> StepResult:
     """Same math as ``reference_step`` (see the module docstring) in one student forward/backward of the
     concatenated batches and no-grad teacher/Fuse forwards, with per-sub-batch BatchNorm.
 
-    ``autocast_dtype`` (CUDA only): run the forwards under autocast (not the same math to 1e-5, faster).
+    ``autocast_dtype``: run the forwards under autocast (not the same math to 1e-5, faster).
+    ``teacher_pass=False`` (only without a fusion loss): skip the teacher and Fuse forwards, whose only
+    effect is on their BN running statistics; their BN counters still advance. See ``teacher_tail``.
     """
     mt.train()
     sizes = [int(x.shape[0]) for x, _ in batches]
@@ -270,18 +273,42 @@ def fast_step(
     )
     with ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes), amp:
         s = mt.student.features(x)
-        with torch.no_grad():
-            t_map = mt.teacher.features(x).feature_map  # teacher head runs for its BN running statistics
-        if need_fusion_grad:
-            fz = mt.fuse(t_map, s.part_attention)
+        if teacher_pass or need_fusion_grad:
+            with torch.no_grad():
+                t_map = mt.teacher.features(x).feature_map  # teacher head runs for its BN running statistics
+            if need_fusion_grad:
+                fz = mt.fuse(t_map, s.part_attention)
+            else:
+                with torch.no_grad():  # only the Fuse BN running statistics matter
+                    fz = mt.fuse(t_map, [z.detach() for z in s.part_attention])
         else:
-            with torch.no_grad():  # only the Fuse BN running statistics matter
-                fz = mt.fuse(t_map, [z.detach() for z in s.part_attention])
+            with torch.no_grad():
+                for m in (*mt.teacher.modules(), *mt.fuse.modules()):
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                        m.num_batches_tracked.add_(len(sizes))
     student_out = _split_output(s, sizes)
     fusion = [list(f) for f in zip(*[torch.split(t, sizes) for t in fz])] if need_fusion_grad else None
     loss, terms = lf2_loss(student_out, fusion, [y for _, y in batches], crit, settings)
     alpha = _optimise(mt, optimizer, loss, step, settings, scaler)
     return StepResult(loss.detach(), terms, alpha)
+
+
+def teacher_tail(mt: MeanTeacher, batches_per_step: int, rel_tol: float = 2.0**-30) -> Optional[int]:
+    """How many final iterations of a round need the teacher/Fuse forwards (paper recipe, no fusion loss).
+
+    Without a fusion loss the teacher's and the Fuse's train-mode forwards influence nothing but their own
+    BN running statistics, which are read only after the round (next extraction, evaluation). A running
+    statistic after n more updates with momentum m keeps (1-m)^n of its earlier value, so once
+    (1-m)^n < ``rel_tol`` (2^-30, far below float32 resolution 2^-24) the forwards before the last n are
+    invisible in the round's float32 output. Returns that number of iterations (ceil(n / batches per
+    step)), or None when a BN layer uses a cumulative average (momentum None) and nothing may be skipped.
+    """
+    moms = [m.momentum for mod in (mt.teacher, mt.fuse) for m in mod.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not moms or any(m is None or not 0 < m < 1 for m in moms):
+        return None
+    n = math.ceil(math.log(rel_tol) / math.log(1.0 - min(moms)))
+    return math.ceil(n / max(1, batches_per_step))
 
 
 def make_optimizer(mt: MeanTeacher, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -457,14 +484,15 @@ class Finetuner:
         """A fresh Adam (the released code builds one per epoch)."""
         return make_optimizer(self.mt, self.lr, self.weight_decay)
 
-    def step(self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch], step: int) -> StepResult:
+    def step(self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch], step: int,
+             teacher_pass: bool = True) -> StepResult:
         batches = [
             (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches
         ]
         if self.fast:
             return fast_step(
                 self.mt, optimizer, batches, step, self.crit, self.settings, channels_last=self.channels_last,
-                autocast_dtype=self.autocast_dtype, scaler=self.scaler,
+                autocast_dtype=self.autocast_dtype, scaler=self.scaler, teacher_pass=teacher_pass,
             )
         return reference_step(self.mt, optimizer, batches, step, self.crit, self.settings)
 
@@ -480,12 +508,14 @@ class Finetuner:
         sums: Optional[dict[str, float]] = None,
         progress: Optional[Any] = None,
         stop_after: Optional[int] = None,
+        teacher_from: int = 0,
     ) -> EpochResult:
         """Iterations ``start..iters-1`` of an epoch (global step ``first_step + i``).
 
         ``sums``: running sums of the logged terms of iterations before ``start`` (resume). Returns mean
         terms (``loss``, ``ce``, ``tri_*``, ``acc``, ``alpha``, ``data_seconds``, ``step_seconds``).
         ``stop_after``: stop (after saving) once this many iterations of the epoch are done (tests).
+        ``teacher_from``: first iteration that runs the teacher/Fuse forwards (``teacher_tail``).
         """
         sums = dict(sums or {})
         iterators = [iter(dl) for dl in loaders]
@@ -497,7 +527,10 @@ class Finetuner:
                 x, y, _, _ = next(it)
                 batches.append((x, y))
             t1 = time.perf_counter()
-            res = self.step(optimizer, batches, first_step + i)
+            if i >= teacher_from:
+                res = self.step(optimizer, batches, first_step + i)
+            else:
+                res = self.step(optimizer, batches, first_step + i, teacher_pass=False)
             vals = {"loss": float(res.loss), "alpha": res.alpha}
             vals.update({k: float(v) for k, v in res.terms.items()})
             t2 = time.perf_counter()

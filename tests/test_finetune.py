@@ -392,7 +392,7 @@ def test_finetune_round_outputs_and_exact_resume(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "resumed.partial" / "state.pt").exists() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(Finetuner, "step", real_step)
     resumed_steps = []
-    monkeypatch.setattr(Finetuner, "step", lambda self, o, b, s: resumed_steps.append(s) or real_step(self, o, b, s))
+    monkeypatch.setattr(Finetuner, "step", lambda self, o, b, s, **k: resumed_steps.append(s) or real_step(self, o, b, s, **k))
     ft.finetune(cfg, str(data), lab, pre, str(tmp_path / "resumed"), round_index=1, checkpoint_every=2)
     assert resumed_steps == [global_step(1, 1, 2, 2, 3)]  # only the last iteration was redone
     for name in ("student.pt", "teacher.pt"):
@@ -437,3 +437,37 @@ def test_mt_global_variant_trains_global_only(tiny, tmp_path):
     assert torch.equal(s0["experts.0.weight"], s1["student.experts.0.weight"])
     assert not torch.equal(s0["backbone.conv1.weight"], s1["student.backbone.conv1.weight"])
     assert load_checkpoint(str(tmp_path / "g" / "teacher.pt"))["variant"] == "mt_global"
+
+
+def test_teacher_tail_skipping_keeps_the_round_result():
+    """Skipping the teacher/Fuse forwards before the tail leaves the student and the EMA teacher bitwise
+    unchanged and the teacher/Fuse BN statistics equal to float32 precision (BN momentum raised to 0.5 so
+    the tail is short: (1 - 0.5)^30 = 2^-30 -> 30 forwards -> 10 iterations of 3 batches)."""
+    from lf2core.trainers import teacher_tail
+
+    full = _mean_teacher()
+    assert teacher_tail(full, 3) == 66  # momentum 0.1: ceil(ceil(log(2^-30) / log(0.9)) / 3)
+    for mod in (full.teacher, full.fuse):
+        for m in mod.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.5
+    skip, short = copy.deepcopy(full), copy.deepcopy(full)
+    tail = teacher_tail(skip, 3)
+    assert tail == 10
+    n = 14
+    crit, settings = Criteria(6), StepSettings()
+    oa, ob, oc = (make_optimizer(m, 3.5e-4, 5e-4) for m in (full, skip, short))
+    for i in range(n):
+        batches = _batches(torch.float32, seed=100 + i)
+        fast_step(full, oa, batches, i, crit, settings)
+        fast_step(skip, ob, batches, i, crit, settings, teacher_pass=i >= n - tail)
+        fast_step(short, oc, batches, i, crit, settings, teacher_pass=i >= n - 3)  # too short a tail
+    sa, sb = full.state_dict(), skip.state_dict()
+    for k in sa:
+        if k.startswith("student.") or (k.startswith("teacher.") and "running" not in k) or "num_batches" in k:
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            assert torch.allclose(sa[k], sb[k], rtol=1e-6, atol=1e-7), (k, float((sa[k] - sb[k]).abs().max()))
+    # a tail shorter than teacher_tail is visible (so the comparison above can fail)
+    sc = short.state_dict()
+    assert not torch.allclose(sa["teacher.global_bn.running_var"], sc["teacher.global_bn.running_var"], rtol=1e-6, atol=1e-7)

@@ -58,6 +58,7 @@ from ..trainers import (
     StepSettings,
     class_centroids,
     global_step,
+    teacher_tail,
     prepare_label_sets,
     round_loaders,
 )
@@ -176,13 +177,17 @@ def finetune(
     on_metrics: Optional[MetricsCallback] = None,
     checkpoint_every: Optional[int] = None,
     fast: bool = True,
+    teacher_tail_only: bool = True,
 ) -> dict[str, Any]:
     """Train one round; write ``out/student.pt``, ``out/teacher.pt``, ``out/metrics.json``.
 
     ``on_metrics(metrics, step)`` after every epoch (step = global step at the end of the epoch), called
     after the resumable state is saved. ``checkpoint_every``: iterations between mid-epoch states (None:
     ``$LF2_CHECKPOINT_EVERY`` or 100; 0: only at epoch ends). ``fast=False`` uses the plain reference step
-    (same math, slower; for comparisons).
+    (same math, slower; for comparisons). ``teacher_tail_only`` (fast step, no fusion loss): run the
+    teacher/Fuse forwards only in the last ``trainers.teacher_tail`` iterations of the round, the only ones
+    whose effect on the teacher's and Fuse's BN running statistics survives to float32 precision (their
+    only effect in the paper recipe); the student, the EMA and the loss are untouched by this.
     """
     from ..data.manifest import read_manifest, split
     from ..data.transforms import train_transform
@@ -256,8 +261,12 @@ def finetune(
                    extra={"config_key": key, "iteration": iteration, "sums": run_sums, "history": history,
                           "num_classes": num_classes})
 
+    tail = None
+    if fast and teacher_tail_only and settings.fusion_loss_weight == 0:
+        tail = teacher_tail(mt, len(label_sets))
     t_round = time.time()
     for epoch in range(start_epoch, E):
+        teacher_from = 0 if tail is None else (iters if epoch < E - 1 else max(0, iters - tail))
         resumed_mid = opt is not None and epoch == start_epoch and start_iter > 0
         optimizer = opt if resumed_mid else finetuner.new_optimizer()
         first = start_iter if epoch == start_epoch else 0
@@ -271,7 +280,7 @@ def finetune(
         res = finetuner.run_epoch(
             loaders, optimizer, global_step(round_index, epoch, 0, E, iters), first, iters,
             save_fn=lambda it, o, s, e=epoch: save(e, it, o, s), checkpoint_every=checkpoint_every,
-            sums=sums if epoch == start_epoch else None, progress=bar,
+            sums=sums if epoch == start_epoch else None, progress=bar, teacher_from=teacher_from,
         )
         bar.close()
         metrics = dict(res.metrics)
