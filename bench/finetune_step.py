@@ -13,7 +13,11 @@ Adam, EMA; interleaved repetitions so machine load affects all alike; the first 
   no-grad teacher and Fuse; SAME MATH (tests/test_finetune.py checks it to 1e-5 / 1e-9 in float64);
 - ``fast_cl``: ``fast`` with channels_last;
 - ``fast_amp_cl``: ``fast`` + channels_last + autocast (bfloat16 on CPU, float16/bfloat16 on CUDA):
-  NOT the same math (reduced precision), listed for the speed it buys.
+  NOT the same math (reduced precision), listed for the speed it buys;
+- ``fast_cl_student_only``: ``fast_cl`` without the teacher/Fuse forwards -- what the finetune stage runs
+  before the round's tail (``trainers.teacher_tail``: 66 of the paper's 400 iterations run the teacher).
+  The line ``round (paper: 400 it)`` is the resulting mean time per iteration of a 400-iteration round:
+  (66 x fast_cl + 334 x fast_cl_student_only) / 400, to float32 precision the same round result.
 
 Prints a table of min / median seconds per step and the speed-up of each variant over ``reference``.
 """
@@ -57,6 +61,7 @@ def bench(args: argparse.Namespace, threads: int) -> dict[str, list[float]]:
         "fast": dict(fast=True, cl=False),
         "fast_cl": dict(fast=True, cl=True),
         "fast_amp_cl": dict(fast=True, cl=True, amp=amp_dtype),
+        "fast_cl_student_only": dict(fast=True, cl=True, teacher=False),
     }
     state = {}
     for name, v in variants.items():
@@ -73,7 +78,8 @@ def bench(args: argparse.Namespace, threads: int) -> dict[str, list[float]]:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             if v["fast"]:
-                fast_step(m, opt, bs, rep, crit, settings, channels_last=v["cl"], autocast_dtype=v.get("amp"))
+                fast_step(m, opt, bs, rep, crit, settings, channels_last=v["cl"], autocast_dtype=v.get("amp"),
+                          teacher_pass=v.get("teacher", True))
             else:
                 reference_step(m, opt, bs, rep, crit, settings)
             if dev.type == "cuda":
@@ -106,6 +112,13 @@ def main() -> int:
             med = sorted(ts)[len(ts) // 2]
             same = "no (autocast)" if "amp" in name else "yes"
             print(f"| {th} | {name} | {same} | {min(ts):.3f} | {med:.3f} | {ref / med:.2f}x |")
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        mn = {k: min(v) for k, v in times.items()}
+        tail = 66
+        rnd = (tail * med["fast_cl"] + (400 - tail) * med["fast_cl_student_only"]) / 400
+        rmn = (tail * mn["fast_cl"] + (400 - tail) * mn["fast_cl_student_only"]) / 400
+        print(f"| {th} | round (paper: 400 it, teacher in the last {tail}) | yes (float32) | {rmn:.3f} | {rnd:.3f} | "
+              f"{med['reference'] / rnd:.2f}x |")
     print(f"# load avg after: {os.getloadavg()[0]:.1f}")
     return 0
 
