@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lf2core.config import load_config
+from lf2core.errors import Lf2Error
 
 log = logging.getLogger("lf2.pipeline")
 
@@ -121,15 +122,21 @@ def _submit(args: argparse.Namespace) -> int:
         compile_pipeline(package, _rounds(args), image=args.image, target="kubeflow", gpus=args.gpus,
                          retries=args.retries)
     token = os.environ.get("KFP_TOKEN") or None
-    client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=token)
     params = pipeline_arguments(args)
-    run = client.create_run_from_pipeline_package(
-        package, arguments=params, run_name=args.run_name or f"lf2-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}",
-        experiment_name=args.kfp_experiment, enable_caching=not args.no_cache, namespace=args.namespace,
-    )
+    try:
+        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=token)
+        run = client.create_run_from_pipeline_package(
+            package, arguments=params,
+            run_name=args.run_name or f"lf2-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}",
+            experiment_name=args.kfp_experiment, enable_caching=not args.no_cache, namespace=args.namespace,
+        )
+    except Exception as e:  # connection refused, 401/403, API errors: one clear line naming the endpoint
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Lf2Error(f"{args.host}: cannot submit the pipeline ({type(e).__name__}: {msg[:300]})") from None
+    finally:
+        if tmp is not None:
+            Path(package).unlink(missing_ok=True)
     print(f"submitted run {run.run_id} to {args.host} (experiment {args.kfp_experiment})")
-    if tmp is not None:
-        Path(package).unlink(missing_ok=True)
     return 0
 
 
