@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -76,6 +77,9 @@ def run_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str
             task = fn(recipe=recipe, overrides=json.dumps(list(overrides)), source_root=source_root,
                       target_root=target_root, mlflow_experiment=experiment, object_prefix=object_prefix,
                       run_name=run_name, resume_run_id=resume_run_id)
+    except RuntimeError as e:  # kfp.local: a task failed (its log is above)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        raise Lf2Error(f"pipeline run under {root} failed: {plain}") from None
     finally:
         if old_pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
