@@ -217,6 +217,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if hasattr(args, "set"):  # validate the config before importing anything heavy
             args.cfg = load_config(args.config, args.set)
+            if args.cfg.data.cache_dir:
+                from . import storage
+
+                storage.set_cache_dir(args.cfg.data.cache_dir)
         return int(args.func(args) or 0)
     except (Lf2Error, ConfigError) as e:
         print(f"lf2: error: {e}", file=sys.stderr)
