@@ -15,11 +15,12 @@ What makes it a re-ID benchmark rather than a colour-matching toy (see docs/synt
   low walls, other pedestrians), illumination.
 - **Cameras**: each camera has its own viewpoint preference, person scale, gain, slight colour cast,
   blur, noise and background, all of moderate size (the size seen between cameras of one real dataset).
-- **Domains**: ``a`` (6 cameras; winter-like: dark clothes, long sleeves and trousers, cool daylight,
-  sharp, paved/brick backgrounds) and ``b`` (5 cameras; summer-like: lighter colours, short sleeves,
-  shorts and skirts, warm sunlight with lower contrast, low resolution upsampled, green/sand outdoor
-  backgrounds, stronger JPEG compression). The shift is mostly at domain level and shared by the
-  domain's cameras.
+- **Domains**: ``a`` (6 cameras; winter-like: dark, mostly plain clothes, long sleeves and trousers,
+  overcast cool light, sharp, smaller persons, paved/brick backgrounds) and ``b`` (5 cameras;
+  summer-like: lighter and brighter colours, printed/striped/checked tops, short sleeves, shorts and
+  skirts, warm directional sunlight with lower contrast, low resolution, tight crops, green/sand outdoor
+  backgrounds, stronger JPEG compression). The shift is mostly at domain level (attribute distribution,
+  imaging, background style) and shared by the domain's cameras.
 
 Rendering is vectorised numpy on small per-primitive windows: every shape is a signed distance field
 whose pixel coverage ``clip(0.5 - d, 0, 1)`` is its anti-aliased alpha, so no supersampling is needed.
@@ -45,7 +46,7 @@ from PIL import Image
 from ..errors import DataError
 from ..storage import output_dir
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 
 DOMAINS = ("a", "b")
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -123,6 +124,7 @@ class DomainStyle:
     person_scale: tuple[float, float]  # person height / image height range
     jpeg_quality: int
     occluder_p: float
+    sun: float  # directional sunlight: brightness slope across a person's body (0 = overcast)
 
 
 STYLES: dict[str, DomainStyle] = {
@@ -130,18 +132,18 @@ STYLES: dict[str, DomainStyle] = {
     "a": DomainStyle(
         name="a",
         num_cams=6,
-        upper_colours=_weights({"black": 5, "charcoal": 4, "navy": 4, "grey": 3, "silver": 1, "white": 2,
-                                "beige": 1, "brown": 2, "denim": 1, "red": 2, "maroon": 2, "olive": 1.5,
-                                "green": 1, "purple": 1, "khaki": 1}),
-        lower_colours=_weights({"black": 6, "charcoal": 3, "navy": 3, "denim": 4, "grey": 2, "khaki": 1.5,
-                                "brown": 1.5, "beige": 1, "olive": 1}),
+        upper_colours=_weights({"black": 3, "charcoal": 2, "navy": 2.5, "grey": 2, "silver": 1, "white": 1.5,
+                                "beige": 1, "brown": 2, "denim": 1.5, "red": 2, "maroon": 1.5, "olive": 1.5,
+                                "green": 1.5, "purple": 0.5, "khaki": 1}),
+        lower_colours=_weights({"black": 4, "charcoal": 2, "navy": 2, "denim": 3, "grey": 2, "khaki": 1.5,
+                                "brown": 1.5, "beige": 1, "olive": 1, "maroon": 0.5, "green": 0.5}),
         shoe_colours=_weights({"black": 5, "brown": 2, "white": 2, "grey": 1.5, "navy": 1}),
         bag_colours=_weights({"black": 4, "charcoal": 2, "navy": 2, "grey": 1.5, "brown": 1.5, "red": 1,
                               "olive": 1}),
         skin_p=(0.45, 0.30, 0.15, 0.10),
         hair_p=(0.40, 0.30, 0.15, 0.10, 0.05),
         hair_style_p=(0.45, 0.30, 0.25),
-        upper_pattern_p=(0.40, 0.15, 0.10, 0.15, 0.20),
+        upper_pattern_p=(0.80, 0.05, 0.03, 0.07, 0.05),
         lower_type_p=(0.85, 0.05, 0.10),
         long_sleeve_p=0.85,
         bag_p=(0.45, 0.35, 0.20),
@@ -153,41 +155,43 @@ STYLES: dict[str, DomainStyle] = {
         blur=0.2,
         noise=0.015,
         background="campus",
-        person_scale=(0.80, 0.95),
+        person_scale=(0.74, 0.90),
         jpeg_quality=92,
-        occluder_p=0.20,
+        occluder_p=0.06,
+        sun=0.0,
     ),
     # b: summer-like street. Lighter, more colourful clothing; short sleeves, shorts, skirts; warm sun,
     # lower contrast, low resolution (upsampled) and stronger compression.
     "b": DomainStyle(
         name="b",
         num_cams=5,
-        upper_colours=_weights({"white": 5, "cream": 2, "silver": 2, "grey": 2, "black": 2, "skyblue": 2.5,
-                                "pink": 2, "yellow": 1.5, "orange": 1, "green": 1.5, "red": 1.5, "navy": 1,
-                                "purple": 1, "beige": 1}),
-        lower_colours=_weights({"denim": 4, "black": 3, "khaki": 2.5, "beige": 2, "white": 1.5, "grey": 2,
-                                "navy": 1.5, "skyblue": 1, "olive": 1}),
+        upper_colours=_weights({"white": 3, "cream": 1.5, "silver": 1.5, "grey": 1.5, "black": 1.5, "skyblue": 2,
+                                "pink": 2, "yellow": 1.5, "orange": 1.5, "green": 1.5, "red": 1.5, "navy": 1,
+                                "purple": 1.5, "beige": 1, "denim": 1}),
+        lower_colours=_weights({"denim": 3, "black": 2, "khaki": 2, "beige": 1.5, "white": 1.5, "grey": 1.5,
+                                "navy": 1.5, "skyblue": 1, "red": 0.5, "pink": 0.5}),
         shoe_colours=_weights({"white": 5, "black": 2, "grey": 2, "beige": 1, "skyblue": 0.5, "red": 0.5}),
         bag_colours=_weights({"black": 2, "beige": 2, "brown": 2, "pink": 1, "skyblue": 1, "white": 1,
                               "grey": 1, "red": 1}),
         skin_p=(0.35, 0.35, 0.20, 0.10),
         hair_p=(0.45, 0.30, 0.15, 0.07, 0.03),
         hair_style_p=(0.45, 0.40, 0.15),
-        upper_pattern_p=(0.45, 0.20, 0.10, 0.20, 0.05),
+        upper_pattern_p=(0.30, 0.25, 0.15, 0.25, 0.05),
         lower_type_p=(0.50, 0.30, 0.20),
-        long_sleeve_p=0.20,
+        long_sleeve_p=0.15,
         bag_p=(0.45, 0.30, 0.25),
         light_gain=1.05,
-        light_cast=(1.07, 1.0, 0.88),
-        contrast=0.85,
-        saturation=1.10,
-        lowres=2.4,
+        light_cast=(1.14, 1.0, 0.80),
+        contrast=0.72,
+        saturation=1.20,
+        lowres=2.2,
         blur=0.2,
         noise=0.02,
         background="street",
-        person_scale=(0.84, 0.98),
-        jpeg_quality=80,
-        occluder_p=0.20,
+        person_scale=(0.88, 1.00),
+        jpeg_quality=75,
+        occluder_p=0.06,
+        sun=0.35,
     ),
 }
 
@@ -195,15 +199,15 @@ STYLES: dict[str, DomainStyle] = {
 # Calibration knobs (frozen with GENERATOR_VERSION; see bench/synth_calibrate.py and docs/synthetic.md).
 @dataclass(frozen=True)
 class Knobs:
-    id_tint: float = 0.045  # std of an identity's personal offset of each garment colour (RGB units)
-    shot_gain: tuple[float, float] = (0.80, 1.20)  # per-tracklet illumination range
-    shot_tint: float = 0.03  # per-tracklet colour cast std
-    cam_gain: float = 0.08  # per-camera gain spread (std, relative)
+    id_tint: float = 0.13  # std of an identity's personal offset of each garment colour (RGB units)
+    shot_gain: tuple[float, float] = (0.90, 1.10)  # per-tracklet illumination range
+    shot_tint: float = 0.02  # per-tracklet colour cast std
+    cam_gain: float = 0.06  # per-camera gain spread (std, relative)
     cam_cast: float = 0.03  # per-camera colour cast spread (std per channel)
     cam_blur: float = 0.4  # per-camera extra edge softness (pixels at 128 px height, uniform up to this)
     cam_noise: float = 0.01  # per-camera extra noise (uniform up to this)
     cam_bg: float = 0.04  # per-camera background colour spread within the domain's style
-    shift: float = 0.08  # horizontal shift of the person (fraction of width, uniform +-)
+    shift: float = 0.06  # horizontal shift of the person (fraction of width, uniform +-)
     crop: float = 0.04  # vertical crop jitter (fraction of person height)
     other_person_p: float = 0.35  # fraction of occluders that are another pedestrian
 
@@ -367,7 +371,7 @@ def _background(style: DomainStyle, rng: np.random.Generator, h: int, w: int, kn
 def make_camera(style: DomainStyle, index: int, height: int, width: int, knobs: Knobs = KNOBS) -> Camera:
     """Camera ``index`` (0-based) of a domain; depends only on the domain, not on the data seed."""
     rng = np.random.default_rng([7919, DOMAINS.index(style.name), index])
-    view = rng.dirichlet([4, 4, 2, 2]) * 0.6 + np.array([0.25, 0.25, 0.25, 0.25]) * 0.4
+    view = rng.dirichlet([5, 5, 1.5, 1.5]) * 0.7 + np.array([0.35, 0.35, 0.15, 0.15]) * 0.3
     pad = max(2, int(round(0.08 * width)))
     soft = (style.lowres + style.blur + float(rng.uniform(0, knobs.cam_blur))) * height / 128.0
     soft = max(soft, 1.0)
@@ -396,6 +400,7 @@ class Canvas:
     def __init__(self, img: np.ndarray, soft: float = 1.0) -> None:
         self.img = img
         self.soft = float(soft)
+        self._shade: Optional[np.ndarray] = None  # [1, W, 1] colour factor of directional light, or None
         self.h, self.w = img.shape[:2]
         self._ys = np.arange(self.h, dtype=np.float32) + 0.5
         self._xs = np.arange(self.w, dtype=np.float32) + 0.5
@@ -411,7 +416,15 @@ class Canvas:
         """Blend ``colour`` ([3] or [h, w, 3]) into the window with coverage ``alpha`` [h, w]."""
         a, b, c, d = win
         sub = self.img[a:b, c:d]
+        if self._shade is not None:
+            colour = colour * self._shade[:, c:d]
         sub += alpha[..., None] * (colour - sub)
+
+    def set_light(self, slope: float, cx: float, half_width: float) -> None:
+        """Directional light: colours painted from now on are scaled by
+        ``1 + slope * clip((x - cx) / half_width, -1, 1)`` (one side of a body brighter than the other)."""
+        t = np.clip((self._xs - cx) / half_width, -1.0, 1.0)
+        self._shade = (1.0 + slope * t).astype(np.float32)[None, :, None]
 
     # --- primitives: each returns (window, coverage) or None when off-canvas
     def capsule(self, ax: float, ay: float, bx: float, by: float, r: float):
@@ -571,7 +584,7 @@ def draw_person(cv: Canvas, p: Identity, s: Shot) -> None:
     def draw_bag_body():
         if p.bag == "backpack":
             if s.view == "back":
-                res = cv.trapezoid(cx, Y(0.19), Y(0.44), 0.095 * S * p.width, 0.105 * S * p.width)
+                res = cv.trapezoid(cx, Y(0.21), Y(0.41), 0.075 * S * p.width, 0.085 * S * p.width)
             elif side:
                 bx = cx - face_dir * 0.11 * S
                 res = cv.trapezoid(bx, Y(0.19), Y(0.43), 0.05 * S, 0.055 * S)
@@ -640,10 +653,10 @@ def draw_person(cv: Canvas, p: Identity, s: Shot) -> None:
         xx, yy = cv.coords(win)
         pat = p.upper_pattern
         if pat == "stripes":
-            m = _soft_wave(yy - Y(0.155), 0.075 * S, cv.soft)
+            m = _soft_wave(yy - Y(0.155), 0.09 * S, cv.soft)
         elif pat == "checks":
-            a = _soft_wave(yy - Y(0.155), 0.09 * S, cv.soft)
-            b = _soft_wave(xx - cx, 0.09 * S, cv.soft)
+            a = _soft_wave(yy - Y(0.155), 0.11 * S, cv.soft)
+            b = _soft_wave(xx - cx, 0.11 * S, cv.soft)
             m = np.abs(a - b)
         elif pat == "logo" and s.view == "front":
             m = _cov((np.sqrt(((xx - cx) / (0.06 * S)) ** 2 + ((yy - Y(0.29)) / (0.05 * S)) ** 2) - 1) * 0.05 * S,
@@ -777,6 +790,8 @@ class Renderer:
         else:
             person = self.identity(spec.ident_key)
             shot = self._shot(cam, trk, rng, 1.0)
+            if self.style.sun:  # sunlight from the left or the right of this tracklet
+                cv.set_light(self.style.sun * (1.0 if trk.random() < 0.5 else -1.0), shot.cx, 0.15 * shot.size)
             occ = rng.random() < self.style.occluder_p
             other_first = occ and rng.random() < k.other_person_p
             if other_first:  # another pedestrian partly in view, behind or in front
