@@ -68,6 +68,13 @@ def run_seed(seed: int, work: Path, overrides: list[str], fusion: bool) -> dict[
     data = str(w / "data")
     if not storage.is_complete(data):
         timed("prepare", lambda: prepare_data(cfg, data))
+    from lf2core.data.synthetic import GENERATOR_VERSION
+
+    version = json.loads(Path(data, "stats.json").read_text()).get("synthetic_generator_version")
+    if version != GENERATOR_VERSION:
+        raise SystemExit(f"{data}: data from synthetic generator {version}, this code is {GENERATOR_VERSION}: "
+                         f"use a fresh --work directory")
+    res["_generator_version"] = version
     pre = str(w / "pretrain")
     if not storage.is_complete(pre):
         timed("pretrain", lambda: pretrain_source(cfg, data, pre))
@@ -146,7 +153,7 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         agg[m] = {k: float(np.mean([v[k] for v in vals])) for k in ("mAP", "R1", "R5", "R10", "mINP")}
         agg[m]["mAP_std"] = float(np.std([v["mAP"] for v in vals]))
     src, orc = agg["source_only"]["mAP"], agg["oracle"]["mAP"]
-    from lf2core.data.synthetic import GENERATOR_VERSION
+    versions = sorted({str(per_seed[s].get("_generator_version")) for s in per_seed})
 
     cfg = load_config("demo", [*args.set])
     lines = [
@@ -154,7 +161,7 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         "",
         f"Produced by `python bench/uda_synthetic.py {' '.join(sys.argv[1:])}` in {wall / 60:.1f} min on "
         f"{platform.machine()} ({os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"intra-op thread(s)); synthetic generator {GENERATOR_VERSION}; seeds {sorted(per_seed)}.",
+        f"intra-op thread(s)); synthetic generator {', '.join(versions)} (read from the generated data); seeds {sorted(per_seed)}.",
         "",
         f"Recipe: `configs/demo.yaml` + `{' '.join(args.set) or '(no overrides)'}` -> {cfg.model.arch} at "
         f"{cfg.data.height}x{cfg.data.width}; pretrain {cfg.pretrain.epochs} epochs x {cfg.pretrain.iters_per_epoch} "
