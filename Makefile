@@ -21,8 +21,8 @@ demo: install  ## synthetic a -> b, whole pipeline locally (kfp.local), MLflow i
 demo-s3: install  ## the same against a local S3 server (moto) and an mlflow server on 127.0.0.1
 	$(PY) -m pipelines.demo --out $(DEMO_OUT)-s3 --s3
 
-test: install  ## the full test suite
-	$(PY) -m pytest
+test: install  ## the full test suite (one OpenMP thread per process: the tests use small tensors)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
 
 lint: install  ## hadolint the Dockerfiles
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
