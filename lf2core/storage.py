@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from .errors import StorageError
+from .errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -501,3 +501,24 @@ def copy_tree(src: str, dest: str) -> None:
                 (out / COMPLETE_MARKER).unlink()
         else:
             shutil.copy2(root, out / root.name)
+
+
+def read_npz(uri: str, what: str = "arrays") -> tuple[dict[str, Any], bytes]:
+    """Read an ``.npz`` file (local or s3://) -> ({name: np.ndarray}, raw bytes); no pickles.
+
+    ``what`` names the content in the error (``DataError`` naming the URI) when it is missing or malformed.
+    """
+    import io
+
+    import numpy as np
+
+    try:
+        raw = read_bytes(uri)
+    except Exception as e:
+        raise DataError(f"{uri}: cannot read {what} ({e})") from None
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise DataError(f"{uri}: not a valid .npz file ({e})") from None
+    return arrays, raw

@@ -52,15 +52,7 @@ def load_features(features: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.
 
     Raises DataError naming the file when it is missing, unreadable, or inconsistent."""
     uri = _features_file(features)
-    try:
-        raw = storage.read_bytes(uri)
-    except Exception as e:
-        raise DataError(f"{uri}: cannot read features ({e})") from None
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise DataError(f"{uri}: not a valid .npz file ({e})") from None
+    arrays, _ = storage.read_npz(uri, "features")
     for key in ("global", "pids", "camids"):
         if key not in arrays:
             raise DataError(f"{uri}: missing array '{key}' (found: {', '.join(sorted(arrays)) or 'none'})")

@@ -33,7 +33,6 @@ kind ``lf2`` with ``variant``, ``round``, ``global_step`` recorded; ``out/metric
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -85,15 +84,7 @@ def load_labels(labels: str, num_samples: int, variant: str = "lf2") -> tuple[di
     """Read labels.npz -> ({name: int64 [N]} (+ ``centroids_global`` when present), raw bytes).
     ``DataError`` naming the file when it is missing, malformed or does not match the split size."""
     uri = labels_file(labels)
-    try:
-        raw = storage.read_bytes(uri)
-    except Exception as e:
-        raise DataError(f"{uri}: cannot read pseudo labels ({e})") from None
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise DataError(f"{uri}: not a valid .npz file ({e})") from None
+    arrays, raw = storage.read_npz(uri, "pseudo labels")
     needed = LABEL_SETS[:1] if variant == "mt_global" else LABEL_SETS
     out: dict[str, np.ndarray] = {}
     for name in needed:
