@@ -45,9 +45,39 @@ def load_config(config_yaml: str):
     return cfg
 
 
+CODE_HEADER = "# lf2 code "
+
+
+def code_fingerprint(roots: Optional[list[Path]] = None) -> str:
+    """16 hex digits of SHA-256 over every ``.py`` file (relative path + bytes) of ``lf2core`` and ``components``.
+
+    ``roots`` (for tests): the package directories to hash instead. Whatever the stages compute depends on
+    this code, so it is part of the resolved config text (see ``resolve_config``)."""
+    if roots is None:
+        import lf2core
+
+        roots = [Path(lf2core.__file__).resolve().parent, Path(__file__).resolve().parent]
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        for p in sorted(root.rglob("*.py")):
+            rel = p.relative_to(root)
+            if "__pycache__" in rel.parts:
+                continue
+            h.update(f"{root.name}/{rel.as_posix()}".encode() + b"\0")
+            h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def resolve_config(recipe: str, overrides_json: str, source_root: str, target_root: str, experiment: str,
                    compiled_rounds: int) -> str:
-    """recipe + JSON list of ``key=value`` overrides + data URIs -> validated config as YAML."""
+    """recipe + JSON list of ``key=value`` overrides + data URIs -> validated config as YAML.
+
+    The text starts with a comment line ``# lf2 code <fingerprint> (lf2 <version>)`` (``code_fingerprint``):
+    the config text is an input of every stage and part of their S3 output keys, so outputs computed by
+    other code are never taken from the KFP cache (the task itself is never cached: its output must follow
+    the recipe file and the code, not only the recipe's name)."""
+    from lf2core import __version__
     from lf2core.config import ConfigError, load_config as _load
 
     try:
@@ -69,7 +99,7 @@ def resolve_config(recipe: str, overrides_json: str, source_root: str, target_ro
             f"config asks for {cfg.finetune.rounds}; recompile with `lf2 pipeline compile --rounds "
             f"{cfg.finetune.rounds}` (rounds are unrolled at compile time)"
         )
-    return cfg.to_yaml()
+    return f"{CODE_HEADER}{code_fingerprint()} (lf2 {__version__})\n" + cfg.to_yaml()
 
 
 def input_location(artifact: Any) -> str:

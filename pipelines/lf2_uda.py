@@ -12,7 +12,9 @@ hit the KFP cache).
 Targets: ``local`` (kfp.local; no Kubernetes settings) and ``kubeflow`` (kfp-kubernetes: GPU accelerator
 type and limit on the training stages, CPU/memory requests and limits, S3 and MLflow credentials from
 Kubernetes secrets as environment variables, ``/dev/shm`` as a memory emptyDir, image pull policy).
-Caching is on except for ``start-run`` and ``register``; every task retries on failure with backoff.
+Caching is on except for ``resolve-config`` (its output must follow the recipe file and the code, not
+only the recipe's name: it carries the code fingerprint, see ``components._runtime.resolve_config``),
+``start-run`` and ``register``; every task retries on failure with backoff.
 """
 
 
@@ -111,7 +113,7 @@ def build_pipeline(
     ) -> NamedTuple("Outputs", [("version", str), ("run_id", str), ("metrics", dsl.Metrics)]):
         conf = setup(c.resolve_config(recipe=recipe, overrides=overrides, source_root=source_root,
                                       target_root=target_root, experiment=mlflow_experiment,
-                                      compiled_rounds=rounds), "resolve-config")
+                                      compiled_rounds=rounds), "resolve-config", cache=False)
         config = conf.outputs["Output"]
         prep = setup(c.prepare_data(config=config, object_prefix=object_prefix), "prepare-data")
         data = prep.outputs["data"]
