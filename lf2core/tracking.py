@@ -99,7 +99,12 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 def resolve_tracking_uri(cfg: Any = None, tracking_uri: Optional[str] = None) -> str:
     uri = tracking_uri or (getattr(getattr(cfg, "tracking", None), "tracking_uri", "") if cfg is not None else "")
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # a relative sqlite path is fixed against the current directory now: mlflow caches one store per URI
+        # string, so "sqlite:///mlflow.db" would otherwise keep pointing at the first directory it was used in
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
 
 
 _uri: Optional[str] = None  # the store chosen by the last use()/configure() in this process

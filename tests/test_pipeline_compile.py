@@ -119,7 +119,7 @@ def test_failed_stage_marks_mlflow_run_failed(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(ValueError, match="stage broke"):
         with failure_marks_run(run_id):
             raise ValueError("stage broke")
-    client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FAILED"
     with failure_marks_run(run_id):  # success leaves the status alone
         pass

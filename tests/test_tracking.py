@@ -58,7 +58,7 @@ def test_local_sqlite_run_params_metrics(tmp_path: Path, monkeypatch: pytest.Mon
                              prefix="cluster")
     tracking.end_run(run_id)
     assert (tmp_path / "mlflow.db").is_file()
-    client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "pipeline-1"
     assert run.data.params == tracking.masked_params(cfg.flat())
