@@ -18,7 +18,9 @@ history, RNG states) is written to ``<work>/state.pt`` with ``<work>`` = ``$LF2_
 ``<out>.partial`` next to the output (local or s3://). A new call with the same config continues after the
 last completed epoch. Every epoch seeds torch/NumPy/random with ``seed + epoch`` and the samplers with
 ``(seed, epoch)``, so an interrupted and resumed run ends with the same weights as an uninterrupted one
-(bit-exact on CPU with ``data.num_workers`` fixed).
+(bit-exact on CPU with ``data.num_workers`` and the number of torch threads fixed: float32 reductions
+split by thread, e.g. 1 vs 2 threads differ by ~1e-5 in the weights after two steps). Where the data and
+the output live (local or s3://) does not matter: ``tests/test_reproducibility.py``.
 
 Outputs: ``out/model.pt`` (lf2 checkpoint, kind ``source``), ``out/metrics.json``.
 """
@@ -198,8 +200,9 @@ def pretrain_source(
                 log.warning("training state %s is for another config; starting from scratch", state_uri)
             model, optimizer, scheduler = _build(cfg, num_classes, device)
     log.info(
-        "pretrain %s on %d source images / %d ids (device %s, amp %s), epochs %d..%d x %d iters",
-        cfg.model.arch, len(src_train), num_classes, device, use_amp, start_epoch, p.epochs, p.iters_per_epoch,
+        "pretrain %s on %d source images / %d ids (device %s, amp %s, %d torch threads), epochs %d..%d x %d iters",
+        cfg.model.arch, len(src_train), num_classes, device, use_amp, torch.get_num_threads(), start_epoch, p.epochs,
+        p.iters_per_epoch,
     )
 
     t0 = time.time()
