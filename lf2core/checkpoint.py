@@ -16,8 +16,12 @@ Both are written atomically through ``lf2core.storage.write_bytes`` (local path 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import os
 import random
+import shutil
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -187,3 +191,22 @@ def load_state(
     if restore_rng and state.get("rng"):
         set_rng_states(state["rng"])
     return {"epoch": int(state["epoch"]), "extra": state.get("extra", {})}
+
+
+# ------------------------------------------------------------------------------- resumable-state location
+def work_dir(out: str, stage: str) -> str:
+    """Where a training stage keeps its resumable state while it runs: ``$LF2_WORK_DIR/<stage>-<hash of
+    out>`` when set, else ``<out>.partial`` next to the output (local or s3://)."""
+    env = os.environ.get("LF2_WORK_DIR")
+    if env:
+        return storage.join(env, f"{stage}-" + hashlib.sha256(str(out).encode()).hexdigest()[:12])
+    return str(out).rstrip("/") + ".partial"
+
+
+def release_work_dir(work: str) -> None:
+    """Drop the resumable state once the stage output is committed (a remote one is left and logged:
+    storage has no delete)."""
+    if storage.is_remote(work):
+        logging.getLogger(__name__).info("training state left at %s (remove it when no longer needed)", work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import storage
+from .. import checkpoint, storage
 from ..checkpoint import load_state, save_state
 from ..config import Config
 from ..errors import CheckpointError, DataError
@@ -69,11 +68,8 @@ DEFAULT_CHECKPOINT_EVERY = 100  # iterations; overridden by $LF2_CHECKPOINT_EVER
 
 
 def work_dir(out: str) -> str:
-    """Where the resumable state lives while the round trains."""
-    env = os.environ.get("LF2_WORK_DIR")
-    if env:
-        return storage.join(env, "finetune-" + hashlib.sha256(str(out).encode()).hexdigest()[:12])
-    return str(out).rstrip("/") + ".partial"
+    """Where the resumable state lives while training (``lf2core.checkpoint.work_dir``)."""
+    return checkpoint.work_dir(out, "finetune")
 
 
 def labels_file(labels: str) -> str:
@@ -304,8 +300,5 @@ def finetune(
         (Path(tmp) / "metrics.json").write_text(
             json.dumps({"final": final, "history": history}, indent=2, sort_keys=True, default=float) + "\n"
         )
-    if storage.is_remote(work):
-        log.info("training state left at %s (remove it when no longer needed)", state_uri)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    checkpoint.release_work_dir(work)
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from .. import storage
+from .. import checkpoint, storage
 from ..checkpoint import load_state, save_checkpoint, save_state
 from ..config import Config
 from ..errors import CheckpointError, DataError
@@ -70,12 +69,8 @@ def lr_factor(epoch: int, warmup_epochs: int, warmup_factor: float, milestones: 
 
 
 def work_dir(out: str) -> str:
-    """Where the resumable state lives while training: ``$LF2_WORK_DIR/pretrain-<hash of out>`` or
-    ``<out>.partial`` next to the output."""
-    env = os.environ.get("LF2_WORK_DIR")
-    if env:
-        return storage.join(env, "pretrain-" + hashlib.sha256(str(out).encode()).hexdigest()[:12])
-    return str(out).rstrip("/") + ".partial"
+    """Where the resumable state lives while training (``lf2core.checkpoint.work_dir``)."""
+    return checkpoint.work_dir(out, "pretrain")
 
 
 def _build(cfg: Config, num_classes: int, device: torch.device):
@@ -279,9 +274,6 @@ def pretrain_source(
         (Path(tmp) / "metrics.json").write_text(
             json.dumps({"final": final, "history": history}, indent=2, sort_keys=True, default=float) + "\n"
         )
-    if storage.is_remote(work):
-        log.info("training state left at %s (remove it when no longer needed)", state_uri)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    checkpoint.release_work_dir(work)
     on_metrics({k: float(v) for k, v in final.items() if isinstance(v, (int, float))}, p.epochs)
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}
