@@ -31,7 +31,6 @@ import bisect
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
