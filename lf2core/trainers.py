@@ -147,7 +147,7 @@ def _split_output(out: LF2Output, sizes: Sequence[int]) -> list[LF2Output]:
         torch.split(out.feature_map, sizes),
         torch.split(out.global_feat, sizes),
         list(zip(*[torch.split(t, sizes) for t in out.part_feats])),
-        list(zip(*[torch.split(t, sizes) for t in out.part_attention])),
+        list(zip(*[torch.split(t, sizes) for t in out.part_attention])) or [()] * len(sizes),
         torch.split(out.logits, sizes),
     ]
     return [
@@ -272,8 +272,9 @@ def fast_step(
         else contextlib.nullcontext()
     )
     with ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes), amp:
-        s = mt.student.features(x)
-        if teacher_pass or need_fusion_grad:
+        run_teacher = teacher_pass or need_fusion_grad
+        s = mt.student.features(x, attention=run_teacher)  # the attention feeds only the Fuse
+        if run_teacher:
             with torch.no_grad():
                 t_map = mt.teacher.features(x).feature_map  # teacher head runs for its BN running statistics
             if need_fusion_grad:

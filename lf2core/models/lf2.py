@@ -113,20 +113,25 @@ class LF2Model(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     # ------------------------------------------------------------------ forward
-    def head(self, fmap: torch.Tensor) -> LF2Output:
-        """All branch outputs from a backbone map ``fmap`` [B,C,h,w] (any mode)."""
+    def head(self, fmap: torch.Tensor, attention: bool = True) -> LF2Output:
+        """All branch outputs from a backbone map ``fmap`` [B,C,h,w] (any mode).
+
+        ``attention=False`` leaves ``part_attention`` empty (it feeds only the Fuse module; skipping it
+        changes no other output).
+        """
         avg, mx = gap_gmp(fmap)
         f0 = self.global_bn(avg + mx)
         parts, attn = [], []
         for j, band in enumerate(split_rows(fmap, self.num_parts)):
             pa, pm = gap_gmp(band)
             parts.append(self.part_bns[j](self.experts[j](torch.cat([pa, pm], dim=1))))
-            attn.append((pa + pm) * self.attentions[j](pa, pm))
+            if attention:
+                attn.append((pa + pm) * self.attentions[j](pa, pm))
         return LF2Output(fmap, f0, parts, attn, self.classifier(f0))
 
-    def features(self, x: torch.Tensor) -> LF2Output:
-        """``x`` [B,3,H,W] -> ``LF2Output`` regardless of train/eval mode."""
-        return self.head(self.backbone(x))
+    def features(self, x: torch.Tensor, attention: bool = True) -> LF2Output:
+        """``x`` [B,3,H,W] -> ``LF2Output`` regardless of train/eval mode (``attention``: see ``head``)."""
+        return self.head(self.backbone(x), attention)
 
     @staticmethod
     def test_feature(out: LF2Output) -> torch.Tensor:
