@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from lf2core.checkpoint import save_checkpoint
 from lf2core.data.loaders import load_image
 from lf2core.data.manifest import read_manifest, split
 from lf2core.data.transforms import test_transform as make_test_transform
+from lf2core.config import ConfigError
 from lf2core.errors import CheckpointError
 from lf2core.evaluation import evaluate_rank
 from lf2core.models import SourceModel, build_target_model, save_mean_teacher
@@ -138,6 +140,24 @@ def test_run_local_outputs_and_resume(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "extract_features", lambda *a, **k: pytest.fail("stage re-run"))
     again = rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1)
     assert again["metrics"] == summary["metrics"]
+    # resuming with settings that change what the finished stages computed is refused, naming the key
+    other = copy.deepcopy(cfg)
+    other.cluster.num_clusters = 5
+    with pytest.raises(ConfigError, match=r"run_config.json: .*cluster.num_clusters: 4 -> 5"):
+        rl.run_local(other, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1)
+    with pytest.raises(ConfigError, match=r"_inputs.source_model"):
+        rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp_path / "elsewhere"), eval_every=1)
+    # ... but more rounds extend the run: earlier rounds are kept as they are
+    monkeypatch.setattr(ft_mod, "finetune", real)
+    monkeypatch.undo()
+    longer = copy.deepcopy(cfg)
+    longer.finetune.rounds = 3
+    ext = rl.run_local(longer, str(out), data=str(data), source_model=str(tmp / "pre"))
+    assert [r["round"] for r in ext["rounds"]] == [0, 1, 2]
+    assert (out / "round_00" / "model" / "teacher.pt").stat().st_mtime_ns == done_before
+    assert ext["rounds"][2]["finetune"]["global_step"] == 6
+    assert ext["metrics"] == json.loads((out / "round_02" / "eval" / "metrics.json").read_text())
+    assert not (out / "eval").exists()
 
 
 def test_target_as_source_manifest(tiny, tmp_path):

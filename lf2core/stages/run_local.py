@@ -10,16 +10,18 @@ functions as the KFP pipeline, with their outputs under ``out/``::
     out/round_00/model/            finetune                (next round extracts with this model)
     out/round_00/eval/             evaluate, every ``eval_every`` rounds (optional)
     ...
-    out/eval/                      evaluate (the final teacher)
+    out/round_NN/eval/             evaluate (the final teacher, last round; ``out/eval/`` with 0 rounds)
+    out/run_config.json            the settings the run was started with
     out/summary.json               final metrics + per-round cluster statistics
 
 Resumable: a stage whose output directory is complete (``lf2core.storage.is_complete``) is skipped, and
 finetune resumes inside a round from its own training state, so re-running the same command after a
-crash continues where it stopped.
+crash continues where it stopped. Resuming with settings that would change a finished stage is refused
+(``ConfigError``); a larger ``finetune.rounds`` extends a finished run.
 
 The per-round evaluations (``eval_every``) use the TARGET TEST split; they are for reporting curves only
 (the benchmark's plots) -- nothing reads them back, no round or model is selected with them: the final
-teacher is the one evaluated in ``out/eval`` and registered.
+teacher is the one evaluated last and registered.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .. import storage
-from ..config import Config
+from ..config import Config, ConfigError
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,32 @@ def target_as_source_manifest(data: str, out: str) -> str:
     with storage.output_dir(out) as tmp:
         write_manifest(str(tmp), m["target"], m["target"])
     return out
+
+
+# keys that may change between a run and its resumption: they do not change what a finished stage computed
+# (``finetune.rounds``: more rounds extend a run; each round depends only on the rounds before it)
+RESUMABLE_KEYS = ("finetune.rounds", "data.num_workers", "data.cache_dir", "eval.batch_size", "recipe")
+
+
+def _check_run_config(cfg: Config, out: str, data: str, source_model: str) -> None:
+    """Record the config of ``out`` on its first start; refuse to resume it with a different one.
+
+    Stage outputs are reused when complete, so resuming a run directory with other settings would mix
+    results of two configs silently. Raises ``ConfigError`` naming the directory and the keys that differ.
+    """
+    cur = {k: v for k, v in cfg.flat().items() if not k.startswith("tracking.") and k not in RESUMABLE_KEYS}
+    cur["_inputs.data"], cur["_inputs.source_model"] = data, source_model
+    uri = storage.join(out, "run_config.json")
+    if storage.exists(uri):
+        old = _read_json(uri)
+        diff = sorted(k for k in set(old) | set(cur) if old.get(k, "<unset>") != cur.get(k, "<unset>"))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {cur.get(k, '<unset>')!r}" for k in diff[:4])
+            more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise ConfigError(f"{uri}: this run directory was started with another config ({shown}{more}); "
+                              f"use a new output directory or the original settings")
+        return
+    storage.write_bytes(uri, (json.dumps(cur, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def run_local(
@@ -108,6 +136,7 @@ def run_local(
         source_model = storage.join(out, "pretrain")
         if not storage.is_complete(source_model):
             timed("pretrain", lambda: pretrain_source(cfg, data, source_model, on_metrics=prefixed("pretrain")))
+    _check_run_config(cfg, out, data, source_model)
     source_only = None
     pm = storage.join(source_model, "metrics.json")
     if storage.exists(pm):
@@ -146,7 +175,8 @@ def run_local(
         log.info("round %d/%d: %s global clusters, NMI %s", r + 1, n_rounds, c.get("num_clusters"),
                  f"{c['nmi']:.3f}" if "nmi" in c else "n/a")
 
-    ev = storage.join(out, "eval")
+    # the final model's evaluation sits with its round, so a run extended by more rounds evaluates anew
+    ev = storage.join(round_dir(out, n_rounds - 1), "eval") if n_rounds > 0 else storage.join(out, "eval")
     if not storage.is_complete(ev):
         timed("evaluate", lambda: evaluate(cfg, data, model, ev))
     metrics = _read_json(storage.join(ev, "metrics.json"))
