@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import random
-import shutil
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from . import storage
-from .errors import CheckpointError, Lf2Error
+from .errors import CheckpointError, Lf2Error, StorageError
 
 CHECKPOINT_FORMAT = "lf2-checkpoint/1"
 STATE_FORMAT = "lf2-state/1"
@@ -204,9 +203,10 @@ def work_dir(out: str, stage: str) -> str:
 
 
 def release_work_dir(work: str) -> None:
-    """Drop the resumable state once the stage output is committed (a remote one is left and logged:
-    storage has no delete)."""
-    if storage.is_remote(work):
-        logging.getLogger(__name__).info("training state left at %s (remove it when no longer needed)", work)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    """Drop the resumable state once the stage output is committed (local directory or s3:// prefix); a
+    failure to delete is logged, not raised: the output is already complete."""
+    try:
+        storage.remove_tree(work)
+    except (StorageError, OSError) as e:
+        logging.getLogger(__name__).warning("training state left at %s (%s); remove it when no longer needed",
+                                            work, e)

@@ -486,6 +486,26 @@ def _commit_s3(tmp: Path, uri: str, bucket: str, key: str) -> None:
     _retry(uri, lambda: _s3().put_object(Bucket=bucket, Key=marker, Body=b"ok\n"))
 
 
+def remove_tree(uri: str) -> int:
+    """Delete a local directory or every object under the s3:// prefix ``uri/`` (not ``uri`` + other
+    suffixes); returns how many files/objects were removed (0 if there was nothing)."""
+    uri = str(uri)
+    if not is_remote(uri):
+        root = Path(_strip_file(uri))
+        if not root.exists():
+            return 0
+        n = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 1
+        shutil.rmtree(root) if root.is_dir() else root.unlink()
+        return n
+    bucket, key = split_s3(uri)
+    if not key.strip("/"):
+        raise StorageError(f"{uri}: refusing to remove a whole bucket")
+    keys = [o["Key"] for o in _list(uri)]
+    if keys:
+        _delete_keys(uri, bucket, keys)
+    return len(keys)
+
+
 def is_complete(uri: str) -> bool:
     """True if ``uri`` is an output directory committed by ``output_dir``."""
     return exists(join(uri, COMPLETE_MARKER))

@@ -41,8 +41,9 @@ def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: st
     # --- stage outputs are in the bucket, each committed with _COMPLETE last
     keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_env)
             for o in page.get("Contents", [])]
+    assert not [k for k in keys if ".partial/" in k]  # resumable training state is deleted once committed
     for stage in STAGES:
-        outs = {k.split("/")[2] for k in keys if k.startswith(f"runs/{stage}/") and ".partial/" not in k}
+        outs = {k.split("/")[2] for k in keys if k.startswith(f"runs/{stage}/")}
         assert len(outs) == 1, (stage, outs)
         assert storage.is_complete(f"{prefix}/{stage}/{outs.pop()}")
     assert any(k.endswith("/teacher.pt") for k in keys) and any(k.endswith("/labels.npz") for k in keys)

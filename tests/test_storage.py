@@ -69,6 +69,18 @@ def test_s3_bytes_exists_and_errors(s3_env: str) -> None:
             call("s3://no-such-bucket-lf2/k")
 
 
+def test_remove_tree_local_and_s3(s3_env: str, tmp_path: Path) -> None:
+    for base in (str(tmp_path / "state"), f"s3://{s3_env}/runs"):
+        for name in ("x.partial/a.pt", "x.partial/sub/b.json", "x.partial2/keep", "x/keep"):
+            storage.write_bytes(f"{base}/{name}", b"1")
+        assert storage.remove_tree(f"{base}/x.partial") == 2
+        assert not storage.exists(f"{base}/x.partial")
+        assert storage.exists(f"{base}/x.partial2/keep") and storage.exists(f"{base}/x/keep")  # prefix boundary
+        assert storage.remove_tree(f"{base}/x.partial") == 0
+    with pytest.raises(StorageError, match="refusing to remove a whole bucket"):
+        storage.remove_tree(f"s3://{s3_env}/")
+
+
 def test_s3_output_dir_atomic_commit(s3_env: str) -> None:
     uri = f"s3://{s3_env}/runs/r1/cluster"
     with pytest.raises(RuntimeError):
