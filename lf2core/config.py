@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "folder", "synthetic")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # also reachable as configs/ at the repo root
 
 
 class ConfigError(ValueError):

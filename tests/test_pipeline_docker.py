@@ -50,7 +50,7 @@ def test_build_plan_and_context() -> None:
     for item in items:
         files = set(item["context_files"])
         needed = {"pyproject.toml", "README.md", "lf2core/__init__.py", "lf2core/storage.py", "components/stages.py",
-                  "pipelines/lf2_uda.py", "configs/demo.yaml", item["dockerfile"]}
+                  "pipelines/lf2_uda.py", "lf2core/configs/demo.yaml", item["dockerfile"]}
         assert needed <= files
         assert not any(f.startswith((".venv", ".git/", "tests/", "runs/")) or "__pycache__" in f for f in files)
     # every path the Dockerfiles COPY from the context is in it
@@ -59,3 +59,20 @@ def test_build_plan_and_context() -> None:
             if line.startswith("COPY ") and "--from" not in line:
                 for src in line.split()[1:-1]:
                     assert any(f == src or f.startswith(src.rstrip("/") + "/") for f in item["context_files"]), src
+
+
+def test_wheel_ships_the_recipes(tmp_path: Path) -> None:
+    """A non-editable install must find the recipes: the wheel carries lf2core/configs/*.yaml."""
+    import zipfile
+
+    from lf2core.config import CONFIG_DIR
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (whl,) = tmp_path.glob("lf2-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        shipped = {n.rsplit("/", 1)[1]: z.read(n) for n in z.namelist() if n.startswith("lf2core/configs/")}
+    assert shipped == {p.name: p.read_bytes() for p in CONFIG_DIR.glob("*.yaml")}
+    assert {"demo.yaml", "paper_duke2market.yaml", "paper_market2duke.yaml"} <= set(shipped)
+    assert (REPO / "configs" / "demo.yaml").read_bytes() == shipped["demo.yaml"]  # the repo-root path still works
