@@ -16,7 +16,7 @@ the same stage functions as the pipeline:
 All evaluations are on the target test split (query/gallery); the per-round evaluations are reporting
 only (curves), nothing is selected with them. Writes the markdown report (``--out``), the JSON
 (``--json``: ``{method: {"mAP", "R1"}}`` as fractions, averaged over seeds, plus ``details``), and one plot
-next to the report (``results_uda.png``). The tasks of all seeds (prepare, pretrain, oracle pretrain,
+next to the report (``<report stem>_uda.png``: ``docs/results_uda.png``). The tasks of all seeds (prepare, pretrain, oracle pretrain,
 each fine-tuning run, evaluations) run ``--jobs`` at a time in worker processes, each once its inputs
 exist (one intra-op thread per task is fastest on a small shared CPU). Work directories are kept under
 ``--work`` (resumable: finished stages are skipped when the command is re-run).
@@ -279,7 +279,7 @@ def main() -> int:
     per_seed = run_all(args.seeds, Path(args.work), args.set, args.fusion, args.jobs, args.threads)
     wall = time.time() - t0
     out_md = Path(args.out)
-    png = out_md.with_name("results_uda.png")
+    png = out_md.with_name(f"{out_md.stem}_uda.png")
     plot(per_seed, png)
     text, js = report(per_seed, args, wall, png)
     out_md.parent.mkdir(parents=True, exist_ok=True)
