@@ -10,6 +10,7 @@ import pytest
 from lf2core.cli import main
 from lf2core.cluster import pseudo_labels
 from lf2core.config import load_config
+from lf2core.data.datasets import UNLABELLED
 from lf2core.errors import DataError
 from lf2core.stages.cluster import cluster
 
@@ -55,15 +56,23 @@ def test_stage_writes_labels_stats_png(tmp_path, method):
     assert stats["global"]["nmi"] > 0.9
 
 
-def test_unknown_ids_give_no_supervised_stats(tmp_path):
+@pytest.mark.parametrize("unknown", ["all_minus_one", "some_unlabelled"])
+def test_unknown_ids_give_no_supervised_stats(tmp_path, unknown):
     _write_features(tmp_path / "feat")
     with np.load(tmp_path / "feat" / "features.npz") as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["pids"][:] = -1
+    if unknown == "all_minus_one":
+        arrays["pids"][:] = -1
+    else:  # a target train split mixing identity folders and unlabelled images (datasets.UNLABELLED)
+        arrays["pids"][::3] = UNLABELLED
     np.savez(tmp_path / "feat" / "features.npz", **arrays)
     cfg = load_config(None, ["cluster.method=dbscan", "cluster.k1=15"])
     metrics = cluster(cfg, str(tmp_path / "feat" / "features.npz"), str(tmp_path / "out"))
     assert "global/nmi" not in metrics and "global/nmi_camera" in metrics
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    for name in ("global", "upper", "lower"):  # no identity-based statistic from partly unknown pids
+        assert not {"nmi", "ari", "pairwise_precision", "pairwise_recall"} & set(stats[name])
+        assert stats[name]["num_samples"] == 120
 
 
 def test_bad_features_raise_data_error(tmp_path):

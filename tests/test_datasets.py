@@ -17,7 +17,7 @@ from PIL import Image
 
 from lf2core import storage
 from lf2core.data import datasets, manifest
-from lf2core.data.datasets import Sample
+from lf2core.data.datasets import UNLABELLED, Sample
 from lf2core.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,6 +210,78 @@ def test_folder_integer_identities_and_bad_files(tmp_path: Path) -> None:
         datasets.load("folder", tmp_path)
 
 
+def test_folder_unlabelled_train_images(tmp_path: Path) -> None:
+    make_tree(tmp_path, {
+        "train": ["u_c2_0003.jpg", "zz.png", "a_c4.jpg"],  # loose in train/: unlabelled
+        "train/bob": ["x_c1_1.jpg"],
+        "query/carol": ["q_c3.jpg"],
+        "gallery/bob": ["g_c2.jpg"],
+        "gallery/carol": ["h_c1.jpg"],
+    })
+    (tmp_path / "train" / "notes.txt").write_text("not an image")  # skipped, not an unlabelled image
+    s = datasets.load("folder", tmp_path)
+    assert UNLABELLED == -2
+    # entries of train/ in name order; names -> 0..n-1 over the labelled ones only: bob 0, carol 1
+    assert rel(s, "train", tmp_path) == [
+        ("train/a_c4.jpg", UNLABELLED, 3),
+        ("train/bob/x_c1_1.jpg", 0, 0),
+        ("train/u_c2_0003.jpg", UNLABELLED, 1),
+        ("train/zz.png", UNLABELLED, 0),  # no camera token -> camera 0
+    ]
+    assert rel(s, "query", tmp_path) == [("query/carol/q_c3.jpg", 1, 2)]
+    assert rel(s, "gallery", tmp_path) == [("gallery/bob/g_c2.jpg", 0, 1), ("gallery/carol/h_c1.jpg", 1, 0)]
+    # unlabelled images are images, not an identity
+    assert s.stats() == {
+        "train": {"identities": 1, "images": 4, "cameras": 3, "unlabelled": 3},
+        "query": {"identities": 1, "images": 1, "cameras": 1},
+        "gallery": {"identities": 2, "images": 2, "cameras": 2},
+    }
+    with pytest.raises(DataError, match=r"train/a_c4\.jpg: unlabelled image \(pid -2, no identity\)"):
+        datasets.relabel(s.train)
+    # integer identity folders keep their integer pids next to unlabelled images
+    (tmp_path / "int").mkdir()
+    make_tree(tmp_path / "int", {"train": ["p.c5.jpg"], "query/0012": ["q_c1.jpg"], "gallery/0012": ["g_c2.jpg"]})
+    s = datasets.load("folder", tmp_path / "int")
+    assert rel(s, "train", tmp_path / "int") == [("train/p.c5.jpg", UNLABELLED, 4)]
+    assert rel(s, "query", tmp_path / "int") == [("query/0012/q_c1.jpg", 12, 0)]
+    # the camera rule still applies to loose train images
+    write_image(tmp_path / "int" / "train" / "bad_c0.jpg")
+    with pytest.raises(DataError, match=r"train/bad_c0\.jpg: unparseable name: camera token c0"):
+        datasets.load("folder", tmp_path / "int")
+
+
+def test_folder_loose_images_in_query_are_an_error(tmp_path: Path) -> None:
+    make_tree(tmp_path, {"train": ["u_c1.jpg"], "query/a": ["q_c1.jpg"], "query": ["loose_c2.jpg"],
+                         "gallery/a": ["g_c2.jpg"]})
+    with pytest.raises(DataError, match=r"query/loose_c2\.jpg: image outside an identity folder "
+                                         r"\(expected query/<identity>/<image>; only train/ may hold unlabelled"):
+        datasets.load("folder", tmp_path)
+
+
+def test_folder_csv_unlabelled_train_rows(tmp_path: Path) -> None:
+    for n in ("imgs/a.jpg", "imgs/b.jpg", "imgs/c.jpg", "imgs/d.jpg", "imgs/e.jpg"):
+        write_image(tmp_path / n)
+    (tmp_path / "manifest.csv").write_text(
+        "split,path,pid,camid\ntrain,imgs/a.jpg,,4\ntrain,imgs/b.jpg,7,2\ntrain,imgs/e.jpg, ,0\n"
+        "query,imgs/c.jpg,7,1\ngallery,imgs/d.jpg,9,0\n"
+    )
+    s = datasets.load("folder", tmp_path)
+    # the empty pids do not stop the integer rule for the others (7 stays 7)
+    assert rel(s, "train", tmp_path) == [("imgs/a.jpg", UNLABELLED, 4), ("imgs/b.jpg", 7, 2),
+                                         ("imgs/e.jpg", UNLABELLED, 0)]
+    assert rel(s, "query", tmp_path) == [("imgs/c.jpg", 7, 1)]
+    assert rel(s, "gallery", tmp_path) == [("imgs/d.jpg", 9, 0)]
+    # query and gallery rows still need a pid
+    (tmp_path / "manifest.csv").write_text(
+        "split,path,pid,camid\ntrain,imgs/a.jpg,,0\nquery,imgs/c.jpg,,1\ngallery,imgs/d.jpg,9,0\n"
+    )
+    with pytest.raises(DataError, match=r"manifest\.csv:3: empty pid \(query images need an identity"):
+        datasets.load("folder", tmp_path)
+    (tmp_path / "manifest.csv").write_text("split,path,pid,camid\ntrain,,3,0\n")
+    with pytest.raises(DataError, match=r"manifest\.csv:2: empty path$"):
+        datasets.load("folder", tmp_path)
+
+
 def test_folder_csv_manifest(tmp_path: Path) -> None:
     for n in ("imgs/a.jpg", "imgs/b.jpg", "imgs/c.jpg", "imgs/d.jpg"):
         write_image(tmp_path / n)
@@ -286,6 +358,27 @@ def test_check_main_reports_every_problem(tmp_path: Path, capsys: pytest.Capture
     assert sum(ln.startswith("PROBLEM") for ln in capsys.readouterr().out.splitlines()) == 2
 
 
+def test_check_main_reports_unlabelled_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_tree(tmp_path, {"train": ["u1_c1.jpg", "u2_c2.jpg", "u3_c2.jpg"], "train/7": ["x_c1.jpg", "y_c3.jpg"],
+                         "query/7": ["q_c2.jpg"], "gallery/7": ["g_c1.jpg"], "gallery/8": ["h_c1.jpg"]})
+    assert datasets.check_main(str(tmp_path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "format: folder (detected)"
+    table = lines[lines.index("split    identities   images  cameras unlabelled"):][:4]
+    assert table == [
+        "split    identities   images  cameras unlabelled",
+        "train             1        5        3          3",
+        "query             1        1        1          0",
+        "gallery           2        2        1          0",
+    ]
+    assert "opened 8 images, 0 unreadable" in lines and lines[-1] == "ok"
+    # an unreadable unlabelled image is reported like any other
+    write_truncated_jpeg(tmp_path / "train" / "u4_c1.jpg")
+    assert datasets.check_main(str(tmp_path), "folder") == 1
+    problems = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PROBLEM")]
+    assert len(problems) == 1 and "train/u4_c1.jpg: unreadable image" in problems[0]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lf2core.cli", "data", "check", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -322,6 +415,21 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert manifest.read_manifest(str(out / "manifest.json"))["source"].query == src.query
     with pytest.raises(DataError, match="unknown split 'target_val'"):
         manifest.split(m, "target_val")
+
+
+def test_manifest_round_trips_unlabelled_pids(tmp_path: Path) -> None:
+    make_tree(tmp_path / "market", MARKET)
+    make_tree(tmp_path / "mine", {"train": ["a_c1.jpg", "b_c2.jpg"], "train/5": ["p_c1.jpg"],
+                                  "query/5": ["q_c2.jpg"], "gallery/5": ["g_c1.jpg"]})
+    src, tgt = datasets.load("market1501", tmp_path / "market"), datasets.load("folder", tmp_path / "mine")
+    manifest.write_manifest(tmp_path / "out", src, tgt)
+    data = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert data["target"]["train"] == [["train/5/p_c1.jpg", 5, 0], ["train/a_c1.jpg", -2, 0],
+                                       ["train/b_c2.jpg", -2, 1]]
+    m = manifest.read_manifest(str(tmp_path / "out"))
+    assert manifest.split(m, "target_train") == tgt.train
+    assert [x.pid for x in m["target"].train] == [5, UNLABELLED, UNLABELLED]
+    assert m["target"].stats()["train"] == {"identities": 1, "images": 3, "cameras": 2, "unlabelled": 2}
 
 
 def test_manifest_relative_root_follows_the_output(tmp_path: Path) -> None:

@@ -178,3 +178,53 @@ def test_cli_prepare(tmp_path: Path) -> None:
                         f"data.source.root={tmp_path / 'none'}", "--out", str(tmp_path / "o2")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "lf2: error:" in r.stderr and str(tmp_path / "none") in r.stderr
+
+
+def test_unlabelled_target_train_is_accepted(tmp_path: Path) -> None:
+    tree(tmp_path / "duke", {"bounding_box_train": ["0005_c2_f0046985.jpg", "0010_c8_f0000001.jpg"],
+                             "query": ["0005_c1_f0046000.jpg"], "bounding_box_test": ["0005_c7_f0060000.jpg"]})
+    tree(tmp_path / "cams", {"train": ["a_c1.jpg", "b_c2.jpg", "c_c2.jpg"], "query/p1": ["q_c1.jpg"],
+                             "gallery/p1": ["g_c2.jpg"], "gallery/p2": ["h_c1.jpg"]})
+    cfg = load_config("demo", ["data.source.name=dukemtmc", f"data.source.root={tmp_path / 'duke'}",
+                               "data.target.name=folder", f"data.target.root={tmp_path / 'cams'}"])
+    metrics = prepare_data(cfg, str(tmp_path / "out"))
+    assert metrics["target_train_images"] == metrics["target_train_unlabelled"] == 3
+    assert metrics["target_train_ids"] == 0  # unlabelled images are not an identity
+    assert metrics["target_train_cameras"] == 2 and metrics["target_gallery_ids"] == 2
+    assert not any(k.startswith("source_") and k.endswith("_unlabelled") for k in metrics)
+    data = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert data["target"]["train"] == [["train/a_c1.jpg", -2, 0], ["train/b_c2.jpg", -2, 1], ["train/c_c2.jpg", -2, 1]]
+
+
+def test_unlabelled_source_train_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    tree(src, {"train": ["a_c1.jpg", "b_c2.jpg"], "train/7": ["x_c1.jpg"], "query/7": ["q_c1.jpg"],
+               "gallery/7": ["g_c2.jpg"]})
+    tree(tmp_path / "m", {"bounding_box_train": ["0002_c1s1_000451_00.jpg"], "query": ["0002_c2s1_000301_00.jpg"],
+                          "bounding_box_test": ["0002_c4s1_000700_00.jpg"]})
+    cfg = load_config("demo", ["data.source.name=folder", f"data.source.root={src}",
+                               "data.target.name=market1501", f"data.target.root={tmp_path / 'm'}"])
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg, str(tmp_path / "out"))
+    first = src / "train" / "a_c1.jpg"
+    assert str(e.value).startswith(f"source dataset {src}: 2 unlabelled train image(s) (e.g. {first})")
+    assert "must be labelled" in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    # the same tree is fine as the target
+    cfg = load_config("demo", ["data.source.name=market1501", f"data.source.root={tmp_path / 'm'}",
+                               "data.target.name=folder", f"data.target.root={src}"])
+    assert prepare_data(cfg, str(tmp_path / "ok"))["target_train_unlabelled"] == 2
+
+
+def test_pretrain_refuses_an_unlabelled_source_manifest(tmp_path: Path) -> None:
+    """A hand-made manifest can still carry an unlabelled source: pretraining names it, before any training."""
+    from lf2core.data import datasets
+    from lf2core.stages.pretrain import pretrain_source
+
+    tree(tmp_path / "cams", {"train": ["a_c1.jpg", "b_c2.jpg", "c_c3.jpg"], "train/4": ["x_c1.jpg"],
+                             "query/4": ["q_c1.jpg"], "gallery/4": ["g_c2.jpg"]})
+    s = datasets.load("folder", tmp_path / "cams")
+    manifest.write_manifest(tmp_path / "prep", s, s)
+    with pytest.raises(DataError, match=r"prep: the source train split has 3 unlabelled image\(s\) \(no identity\)"):
+        pretrain_source(load_config("demo", []), str(tmp_path / "prep"), str(tmp_path / "pre"))
+    assert not (tmp_path / "pre").exists()

@@ -9,9 +9,11 @@ Formats (``load(name, root)``; the layouts are documented for users in ``docs/da
   ``relative/path.jpg label``); train = list_train + list_val; the camera is the file name's 3rd field.
 - ``folder``: a generic layout, ``root/{train,query,gallery}/<identity>/<image>`` with the camera taken from
   a ``c<digits>`` token of the file name (camera 0 when there is none), or a CSV ``root/manifest.csv`` with
-  columns ``split,path,pid,camid``.
+  columns ``split,path,pid,camid``. Train images without an identity (an image directly in ``train/``, a
+  ``train`` CSV row with an empty pid) are unlabelled: pid ``UNLABELLED`` (an unlabelled target domain).
 
 Conventions shared by every format: pid -1 (junk) is dropped; pid 0 (Market/Duke distractors) is kept;
+pid ``UNLABELLED`` (-2) marks a train image without an identity (``folder`` format only);
 camids are 0-based (``c1`` -> 0); sample paths are absolute local paths; lists are sorted by file name
 (folder formats) or kept in list-file order (MSMT17, CSV). Parsing lists directories and file names but
 never opens an image; ``check_main`` (``lf2 data check``) does.
@@ -45,6 +47,8 @@ MSMT_LISTS = {"train": ("list_train.txt", "list_val.txt"), "query": ("list_query
 MSMT_DIRS = {"train": "train", "query": "test", "gallery": "test"}
 FOLDER_CSV = "manifest.csv"
 FOLDER_CSV_COLUMNS = ("split", "path", "pid", "camid")
+#: pid of a train image without an identity (unlabelled target data; -1 is junk and never kept)
+UNLABELLED = -2
 
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)s(\d+)_(\d+)_(\d+)$")
 _DUKE_RE = re.compile(r"^(-?\d+)_c(\d+)_f(\d+)$")
@@ -55,7 +59,8 @@ _IGNORED_DIRS = frozenset({"__MACOSX"})
 
 
 class Sample(NamedTuple):
-    """One image: absolute local ``path``, identity ``pid`` (as in the dataset) and 0-based ``camid``."""
+    """One image: absolute local ``path``, identity ``pid`` (as in the dataset, ``UNLABELLED`` when the
+    image has none) and 0-based ``camid``."""
 
     path: str
     pid: int
@@ -88,17 +93,30 @@ class Splits:
         return getattr(self, which)
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """``{"train": {"identities", "images", "cameras"}, "query": ..., "gallery": ...}``."""
+        """``{"train": {"identities", "images", "cameras"[, "unlabelled"]}, "query": ..., "gallery": ...}``."""
         return {s: split_stats(self.split(s)) for s in SPLIT_NAMES}
 
 
 def split_stats(samples: list[Sample]) -> dict[str, int]:
-    """Distinct identities, images and distinct cameras of one list of samples."""
-    return {
-        "identities": len({s.pid for s in samples}),
+    """Distinct identities, images and distinct cameras of one list of samples.
+
+    Unlabelled images (pid ``UNLABELLED``) count as images but not as an identity; when there are any,
+    their number is added as ``"unlabelled"`` (the key is absent otherwise).
+    """
+    out = {
+        "identities": len({s.pid for s in samples if s.pid != UNLABELLED}),
         "images": len(samples),
         "cameras": len({s.camid for s in samples}),
     }
+    unlabelled = count_unlabelled(samples)
+    if unlabelled:
+        out["unlabelled"] = unlabelled
+    return out
+
+
+def count_unlabelled(samples: list[Sample]) -> int:
+    """How many of ``samples`` have no identity (pid ``UNLABELLED``)."""
+    return sum(s.pid == UNLABELLED for s in samples)
 
 
 def relabel(samples: list[Sample]) -> np.ndarray:
@@ -109,6 +127,9 @@ def relabel(samples: list[Sample]) -> np.ndarray:
     pids = np.fromiter((s.pid for s in samples), dtype=np.int64, count=len(samples))
     if len(pids) and pids.min() < 0:
         bad = samples[int(np.argmin(pids))]
+        if bad.pid == UNLABELLED:
+            raise DataError(f"{bad.path}: unlabelled image (pid {UNLABELLED}, no identity) cannot be used as a "
+                            "training label")
         raise DataError(f"{bad.path}: negative pid {bad.pid} cannot be used as a training label")
     _, labels = np.unique(pids, return_inverse=True)
     return labels.astype(np.int64).reshape(-1)
@@ -279,8 +300,12 @@ def _parse_folder_csv(data_dir: Path, csv_path: Path) -> _Parsed:
                 if split not in SPLIT_NAMES:
                     out.problems.append(f"{where}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}")
                     continue
-                if not rel or not pid:
-                    out.problems.append(f"{where}: empty path or pid")
+                if not rel:
+                    out.problems.append(f"{where}: empty path")
+                    continue
+                if not pid and split != "train":
+                    out.problems.append(f"{where}: empty pid ({split} images need an identity; "
+                                        "only train images may be unlabelled)")
                     continue
                 if not re.fullmatch(r"\d+", cam):
                     out.problems.append(f"{where}: camid {cam!r} is not a non-negative integer (0-based)")
@@ -296,8 +321,11 @@ def _parse_folder_csv(data_dir: Path, csv_path: Path) -> _Parsed:
                 rows.append((split, path, pid, int(cam)))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_path}: cannot read CSV ({e})") from None
-    mapping = _identity_mapping({r[2] for r in rows})
+    mapping = _identity_mapping({r[2] for r in rows if r[2]})
     for split, path, pid, cam in rows:
+        if not pid:  # a train row without identity
+            out.splits[split].append(Sample(str(path), UNLABELLED, cam))
+            continue
         if mapping[pid] == -1:
             continue
         if mapping[pid] < -1:
@@ -326,7 +354,7 @@ def _parse_folder(root: Path) -> _Parsed:
             f"{', '.join(s for s in SPLIT_NAMES if not (root / s).is_dir())}"
         ) from None
     out = _Parsed(splits={s: [] for s in SPLIT_NAMES}, data_dir=data_dir)
-    found: list[tuple[str, Path, str]] = []
+    found: list[tuple[str, Path, Optional[str]]] = []  # identity None: an unlabelled train image
     for split in SPLIT_NAMES:
         d = data_dir / split
         if not d.is_dir():
@@ -335,8 +363,12 @@ def _parse_folder(root: Path) -> _Parsed:
             if not ident.is_dir():
                 if _is_image(ident.name):
                     out.files.append(Path(ident.path))
+                    if split == "train":
+                        found.append((split, Path(ident.path), None))
+                        continue
                     out.problems.append(
-                        f"{ident.path}: image outside an identity folder (expected {split}/<identity>/<image>)"
+                        f"{ident.path}: image outside an identity folder (expected {split}/<identity>/<image>; "
+                        "only train/ may hold unlabelled images)"
                     )
                 else:
                     out.skipped += 1
@@ -350,12 +382,12 @@ def _parse_folder(root: Path) -> _Parsed:
                     continue
                 out.files.append(Path(e.path))
                 found.append((split, Path(e.path), ident.name))
-    mapping = _identity_mapping({f[2] for f in found})
+    mapping = _identity_mapping({f[2] for f in found if f[2] is not None})
     for split, path, ident_name in found:
-        pid = mapping[ident_name]
+        pid = UNLABELLED if ident_name is None else mapping[ident_name]
         if pid == -1:
             continue
-        if pid < -1:
+        if pid < -1 and ident_name is not None:
             out.problems.append(f"{path}: identity folder {ident_name!r} is negative (only -1, junk, may be)")
             continue
         try:
@@ -465,11 +497,15 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
 
 
 def format_stats_table(stats: dict[str, dict[str, int]]) -> str:
-    """The per-split statistics as a small fixed-width table."""
-    lines = [f"{'split':<8} {'identities':>10} {'images':>8} {'cameras':>8}"]
+    """The per-split statistics as a small fixed-width table (an ``unlabelled`` column when any split has
+    unlabelled images; they count as images, not as identities)."""
+    extra = any(stats[s].get("unlabelled", 0) for s in SPLIT_NAMES)
+    head = f"{'split':<8} {'identities':>10} {'images':>8} {'cameras':>8}"
+    lines = [head + (f" {'unlabelled':>10}" if extra else "")]
     for s in SPLIT_NAMES:
         st = stats[s]
-        lines.append(f"{s:<8} {st['identities']:>10} {st['images']:>8} {st['cameras']:>8}")
+        lines.append(f"{s:<8} {st['identities']:>10} {st['images']:>8} {st['cameras']:>8}"
+                     + (f" {st.get('unlabelled', 0):>10}" if extra else ""))
     return "\n".join(lines)
 
 

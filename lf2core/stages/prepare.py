@@ -14,7 +14,11 @@
 - any other name: the real dataset at ``root`` (local path or s3:// URI) is parsed with
   ``lf2core.data.datasets.load``.
 
-Returns flat metrics: ``{side}_{split}_{images,ids,cameras}`` and, when synthetic data is used,
+The target train split may be unlabelled (pid ``datasets.UNLABELLED``, ``folder`` format); the source
+train split must not (DataError naming the source root and the number of unlabelled images).
+
+Returns flat metrics: ``{side}_{split}_{images,ids,cameras}`` (ids do not count unlabelled images),
+``{side}_{split}_unlabelled`` for a split holding unlabelled images and, when synthetic data is used,
 ``synthetic_generator_version``.
 """
 
@@ -111,10 +115,22 @@ def _check_nonempty(side: str, splits: datasets.Splits) -> None:
             raise DataError(f"{side} dataset {splits.root}: split '{split}' is empty")
 
 
+def _check_source_labelled(splits: datasets.Splits) -> None:
+    """The source domain is trained with its identities: no unlabelled train image."""
+    n = datasets.count_unlabelled(splits.train)
+    if n:
+        first = next(s.path for s in splits.train if s.pid == datasets.UNLABELLED)
+        raise DataError(
+            f"source dataset {splits.root}: {n} unlabelled train image(s) (e.g. {first}); the source domain "
+            "must be labelled: put every train image in an identity folder (or give its pid in manifest.csv)"
+        )
+
+
 def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
     """Write ``out/manifest.json`` (+ ``out/stats.json`` and any data generated inside the output).
 
-    Returns flat metrics ``{side}_{split}_{images,ids,cameras}`` (+ ``synthetic_generator_version``).
+    Returns flat metrics ``{side}_{split}_{images,ids,cameras}`` (+ ``{side}_{split}_unlabelled``,
+    ``synthetic_generator_version``).
     """
     if cfg.data.cache_dir:
         storage.set_cache_dir(cfg.data.cache_dir)
@@ -142,11 +158,15 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
                 log.info("parsing %s dataset at %s", dom.name, dom.root)
                 splits = datasets.load(dom.name, dom.root)
             _check_nonempty(side, splits)
+            if side == "source":
+                _check_source_labelled(splits)
             loaded[side] = splits
             for split, st in splits.stats().items():
                 metrics[f"{side}_{split}_images"] = st["images"]
                 metrics[f"{side}_{split}_ids"] = st["identities"]
                 metrics[f"{side}_{split}_cameras"] = st["cameras"]
+                if "unlabelled" in st:
+                    metrics[f"{side}_{split}_unlabelled"] = st["unlabelled"]
         write_manifest(tmp, loaded["source"], loaded["target"])
         (tmp / "stats.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     log.info("prepare-data: manifest written to %s", out)

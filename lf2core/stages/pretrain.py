@@ -149,7 +149,7 @@ def pretrain_source(
     learning rate and, on evaluation epochs, source ``mAP``/``R1``..; the resumable state is saved before
     it is called, so an exception raised there interrupts the run cleanly (used by the resume test).
     """
-    from ..data.datasets import relabel
+    from ..data.datasets import count_unlabelled, relabel
     from ..data.manifest import read_manifest, split
 
     on_metrics = on_metrics or _noop
@@ -158,6 +158,10 @@ def pretrain_source(
     src_train = split(manifest, "source_train")
     if not src_train:
         raise DataError(f"{data}: the source train split is empty")
+    n_unlabelled = count_unlabelled(src_train)
+    if n_unlabelled:
+        raise DataError(f"{data}: the source train split has {n_unlabelled} unlabelled image(s) (no identity); "
+                        "source pretraining needs every source train image labelled")
     labels = relabel(src_train)
     num_classes = int(labels.max()) + 1
     tgt_train = split(manifest, "target_train") if p.adapt_target_bn else []
