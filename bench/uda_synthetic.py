@@ -1,7 +1,7 @@
 """Synthetic a -> b domain adaptation benchmark: source-only, mt_global, LF2 (k-means / DBSCAN), oracle.
 
     python bench/uda_synthetic.py --out docs/results.md --json runs/uda.json [--work runs/uda] [--seeds 1 2]
-        [--set finetune.rounds=8 ...] [--fusion] [--jobs 2] [--threads 1]
+        [--set finetune.rounds=8 ...] [--fusion] [--diagnostics] [--jobs 2] [--threads 1]
 
 Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrides, the same for all) and
 the same stage functions as the pipeline:
@@ -11,6 +11,10 @@ the same stage functions as the pipeline:
   global pseudo labels only; MMT-style baseline), k-means;
 - ``lf2_kmeans`` / ``lf2_dbscan``: ``run_local`` with the LF2 recipe and each clustering method;
 - ``lf2_kmeans_fusion`` (``--fusion``): LF2 with ``finetune.fusion_loss_weight=0.5`` (trained attention);
+- ``--diagnostics`` (not domain adaptation results; they explain them): ``mt_global_dbscan`` (the MMT-style
+  baseline with LF2's DBSCAN, to separate the clustering from the method) and ``lf2_true_labels`` (LF2
+  fine-tuned on the TRUE target train ids, ``cluster.method=ground_truth``: the ceiling of the fine-tuning
+  recipe at this budget with perfect pseudo labels);
 - ``oracle``: the same network and pretraining recipe trained on target b's train split with its TRUE ids.
 
 All evaluations are on the target test split (query/gallery); the per-round evaluations are reporting
@@ -53,21 +57,25 @@ RUNS = {  # name -> config overrides on top of the demo recipe (and --set)
     "lf2_kmeans": ["cluster.method=kmeans"],
     "lf2_dbscan": ["cluster.method=dbscan"],
     "lf2_kmeans_fusion": ["cluster.method=kmeans", "finetune.fusion_loss_weight=0.5"],
+    "mt_global_dbscan": ["finetune.variant=mt_global", "cluster.method=dbscan"],
+    "lf2_true_labels": ["cluster.method=ground_truth"],
 }
+OPTIONAL = {"lf2_kmeans_fusion": "fusion", "mt_global_dbscan": "diagnostics", "lf2_true_labels": "diagnostics"}
 
 
-def seed_tasks(fusion: bool) -> dict[str, list[str]]:
+def seed_tasks(fusion: bool, diagnostics: bool = False) -> dict[str, list[str]]:
     """The work of one seed as ``{task: [tasks it needs]}`` (each task is one process-sized unit)."""
     tasks = {"prepare": [], "pretrain": ["prepare"], "source_only_eval": ["pretrain"],
              "oracle_pretrain": ["prepare"], "oracle_eval": ["oracle_pretrain"]}
     for name in RUNS:
-        if fusion or name != "lf2_kmeans_fusion":
+        if {"fusion": fusion, "diagnostics": diagnostics, None: True}[OPTIONAL.get(name)]:
             tasks[name] = ["pretrain"]
     return tasks
 
 
 # longest first when several are ready (measured: pretrain ~8 min, a fine-tuning run 7-11 min)
-PRIORITY = ("pretrain", "oracle_pretrain", "lf2_kmeans_fusion", "lf2_kmeans", "lf2_dbscan", "mt_global")
+PRIORITY = ("pretrain", "oracle_pretrain", "lf2_kmeans_fusion", "lf2_kmeans", "lf2_dbscan", "lf2_true_labels",
+            "mt_global_dbscan", "mt_global")
 
 
 def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int) -> tuple[Any, float]:
@@ -121,12 +129,12 @@ def _worker_init() -> None:
 
 
 def run_all(seeds: list[int], work: Path, overrides: list[str], fusion: bool, jobs: int,
-            threads: int) -> dict[int, dict[str, Any]]:
+            threads: int, diagnostics: bool = False) -> dict[int, dict[str, Any]]:
     """Every task of every seed on ``jobs`` worker processes, each task once its inputs are done."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    graph = {(s, t): [(s, d) for d in deps] for s in seeds for t, deps in seed_tasks(fusion).items()}
+    graph = {(s, t): [(s, d) for d in deps] for s in seeds for t, deps in seed_tasks(fusion, diagnostics).items()}
     rank = {t: i for i, t in enumerate(PRIORITY)}
     done: set[tuple[int, str]] = set()
     per_seed: dict[int, dict[str, Any]] = {s: {"_seconds": {}} for s in seeds}
@@ -164,7 +172,8 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colors = {"mt_global": "#9467bd", "lf2_kmeans": "#1f77b4", "lf2_dbscan": "#2ca02c", "lf2_kmeans_fusion": "#ff7f0e"}
+    colors = {"mt_global": "#9467bd", "lf2_kmeans": "#1f77b4", "lf2_dbscan": "#2ca02c", "lf2_kmeans_fusion": "#ff7f0e",
+              "mt_global_dbscan": "#8c564b", "lf2_true_labels": "#7f7f7f"}
     seed = sorted(per_seed)[0]
     res = per_seed[seed]
     for name, col in colors.items():
@@ -194,7 +203,7 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 
 
 def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png: Path) -> tuple[str, dict]:
-    methods = [m for m in (*METHODS, "lf2_kmeans_fusion") if all(m in r for r in per_seed.values())]
+    methods = [m for m in (*METHODS, *OPTIONAL) if all(m in r for r in per_seed.values())]
     agg: dict[str, dict[str, float]] = {}
     for m in methods:
         vals = [per_seed[s][m]["metrics"] for s in per_seed]
@@ -227,26 +236,29 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         a = agg[m]
         std = f" ± {100 * a['mAP_std']:.1f}" if len(per_seed) > 1 else ""
         gc = "" if m in ("source_only", "oracle") else f"{100 * gap_closed(a['mAP'], src, orc):.0f}%"
-        lines.append(f"| {m} | {100 * a['mAP']:.1f}{std} | {100 * a['R1']:.1f} | {100 * a['R5']:.1f} | "
+        label = f"{m} (diagnostic)" if OPTIONAL.get(m) == "diagnostics" else m
+        lines.append(f"| {label} | {100 * a['mAP']:.1f}{std} | {100 * a['R1']:.1f} | {100 * a['R5']:.1f} | "
                      f"{100 * a['mINP']:.1f} | {gc} |")
     lines += ["", "Gap closed = (mAP - source-only mAP) / (oracle mAP - source-only mAP).", "",
               f"![mAP and pseudo-label NMI per round]({png.name})", "", "## Per round (first seed)", ""]
     s0 = per_seed[sorted(per_seed)[0]]
-    for m in ("mt_global", "lf2_kmeans", "lf2_dbscan", "lf2_kmeans_fusion"):
+    for m in (*RUNS,):
         if m not in s0:
             continue
         lines += [f"### {m}", "",
-                  "| round | set | clusters | outliers | NMI | ARI | NMI vs camera | teacher mAP after round |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| round | set | clusters | outliers | NMI | ARI | pair precision | pair recall | NMI vs camera "
+                  "| teacher mAP after round |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s0[m]["rounds"]:
-            sets = ["global"] if m == "mt_global" else ["global", "upper", "lower"]
+            sets = ["global"] if m.startswith("mt_global") else ["global", "upper", "lower"]
             for k, sname in enumerate(sets):
                 c = r["cluster"].get(sname, {})
                 ev = f"{100 * r['eval']['mAP']:.1f}" if "eval" in r and k == 0 else ""
                 lines.append(
                     f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | "
                     f"{100 * c.get('outlier_ratio', 0):.0f}% | {c.get('nmi', float('nan')):.3f} | "
-                    f"{c.get('ari', float('nan')):.3f} | {c.get('nmi_camera', float('nan')):.3f} | {ev} |")
+                    f"{c.get('ari', float('nan')):.3f} | {c.get('pairwise_precision', float('nan')):.3f} | "
+                    f"{c.get('pairwise_recall', float('nan')):.3f} | {c.get('nmi_camera', float('nan')):.3f} | {ev} |")
         lines.append("")
     lines += ["## Time per task (seconds; a task whose output was already complete in --work shows ~0)", "",
               "```", *(f"seed {s}: " + json.dumps({k: round(v) for k, v in per_seed[s]["_seconds"].items()})
@@ -266,6 +278,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--set", "-s", action="append", default=[], help="config override for every method")
     p.add_argument("--fusion", action="store_true", help="also LF2 with a fusion loss (trained attention)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also mt_global with DBSCAN and LF2 on the true target train ids (explanatory runs)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per task (1 is fastest on a shared CPU; default 1)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -276,7 +290,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LF2_PROGRESS", "0")
     t0 = time.time()
-    per_seed = run_all(args.seeds, Path(args.work), args.set, args.fusion, args.jobs, args.threads)
+    per_seed = run_all(args.seeds, Path(args.work), args.set, args.fusion, args.jobs, args.threads,
+                       args.diagnostics)
     wall = time.time() - t0
     out_md = Path(args.out)
     png = out_md.with_name(f"{out_md.stem}_uda.png")

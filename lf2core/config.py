@@ -89,7 +89,8 @@ class PretrainConfig:
 
 @dataclass
 class ClusterConfig:
-    method: Literal["kmeans", "dbscan"] = "kmeans"
+    # ground_truth: the target train identities as labels -- a diagnostic upper bound, NOT unsupervised
+    method: Literal["kmeans", "dbscan", "ground_truth"] = "kmeans"
     num_clusters: int = 700  # kmeans K (paper: 700 D->M, 900 M->D)
     k1: int = 30
     k2: int = 6

@@ -75,6 +75,24 @@ def test_unknown_ids_give_no_supervised_stats(tmp_path, unknown):
         assert stats[name]["num_samples"] == 120
 
 
+def test_ground_truth_labels_are_the_true_ids(tmp_path):
+    _write_features(tmp_path / "feat")
+    with np.load(tmp_path / "feat" / "features.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["pids"] = np.array([7, 3, 3, 42] * 30, dtype=np.int64)  # gaps and order: renumbered by value
+    np.savez(tmp_path / "feat" / "features.npz", **arrays)
+    cfg = load_config(None, ["cluster.method=ground_truth"])
+    metrics = cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out"))
+    with np.load(tmp_path / "out" / "labels.npz") as z:
+        for name in ("global", "upper", "lower"):
+            assert z[name].tolist() == [1, 0, 0, 2] * 30
+    assert metrics["global/num_clusters"] == 3 and metrics["global/nmi"] == pytest.approx(1.0)
+    arrays["pids"][5] = UNLABELLED  # needs every identity
+    np.savez(tmp_path / "feat" / "features.npz", **arrays)
+    with pytest.raises(DataError, match="ground_truth needs an identity for every target train image"):
+        cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out2"))
+
+
 def test_bad_features_raise_data_error(tmp_path):
     cfg = load_config(None, ["cluster.method=dbscan"])
     with pytest.raises(DataError, match="features.npz"):

@@ -8,7 +8,9 @@
   Jaccard distance, k1/k2/eps/min_samples) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
   ``kmeans_batch_size``, ``kmeans_max_iter``, ``kmeans_n_init``, seed ``cfg.seed + round_index``).
   k-means init_size: ``cfg.cluster.kmeans_init_size`` for ``global`` and ``round(init_size * 900/1500)``
-  for the parts, the ratio of the released code (1500 global / 900 parts).
+  for the parts, the ratio of the released code (1500 global / 900 parts). ``ground_truth``: every set
+  labelled with the target TRAIN identities (needs them): a diagnostic upper bound of the fine-tuning
+  recipe with perfect pseudo labels, used by ``bench/uda_synthetic.py`` -- not domain adaptation.
 - ``out/labels.npz``: int64 label vectors with the same names (-1 = DBSCAN outlier, kept; the outlier
   policy ``cfg.cluster.outliers`` is applied by the consumer with ``lf2core.cluster.apply_outlier_policy``).
 - ``out/stats.json``: ``{"round": r, "method": ..., "global": stats, "upper": ..., "lower": ...}`` with
@@ -85,13 +87,19 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
         )
     true_ids = pids if n and (pids >= 0).all() else None
     cams = camids if n and (camids >= 0).all() else None
+    if c.method == "ground_truth":
+        if true_ids is None:
+            raise DataError(f"{_features_file(features)}: cluster.method=ground_truth needs an identity for every "
+                            "target train image")
+        log.warning("cluster.method=ground_truth: labels are the target TRAIN identities (a diagnostic upper "
+                    "bound of the fine-tuning recipe, not domain adaptation)")
     labels: dict[str, np.ndarray] = {}
     stats: dict[str, Any] = {"round": int(round_index), "method": c.method}
     for name, x in feats.items():
         t0 = time.perf_counter()
         init = c.kmeans_init_size if name == "global" else int(round(c.kmeans_init_size * PART_INIT_RATIO))
         try:
-            lab = pseudo_labels(
+            lab = _ground_truth(true_ids) if c.method == "ground_truth" else pseudo_labels(
                 x, c.method, k1=c.k1, k2=c.k2, eps=c.eps, min_samples=c.min_samples,
                 num_clusters=c.num_clusters if c.method == "kmeans" else None, seed=cfg.seed + int(round_index),
                 kmeans_batch_size=c.kmeans_batch_size, kmeans_max_iter=c.kmeans_max_iter,
@@ -120,6 +128,11 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 metrics[f"{name}/{key}"] = val
     return metrics
+
+
+def _ground_truth(true_ids: Any) -> np.ndarray:
+    """The true identities renumbered 0..n_ids-1 (int64 [N])."""
+    return np.unique(true_ids, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def _plot(path: Path, stats: dict[str, Any]) -> None:
