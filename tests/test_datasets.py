@@ -134,13 +134,13 @@ def test_two_candidate_subfolders_is_ambiguous(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- msmt17
-def make_msmt(root: Path) -> None:
+def make_msmt(root: Path, dirs: tuple[str, str] = ("train", "test")) -> None:
     train = ["0000/0000_000_01_0303morning_0015_0.jpg", "0000/0000_001_05_0303morning_0016_0.jpg",
              "0001/0001_000_15_0303noon_0001_1.jpg"]
     val = ["0001/0001_001_03_0303noon_0002_0.jpg"]
     query = ["0000/0000_000_02_0303afternoon_0001_0.jpg"]
     gallery = ["0000/0000_001_04_0303afternoon_0002_0.jpg", "0003/0003_000_11_0303morning_0100_0.jpg"]
-    for sub, names in (("train", train + val), ("test", query + gallery)):
+    for sub, names in ((dirs[0], train + val), (dirs[1], query + gallery)):
         for i, n in enumerate(names):
             write_image(root / sub / n, seed=i)
     for name, names in (("list_train.txt", train), ("list_val.txt", val), ("list_query.txt", query),
@@ -161,6 +161,19 @@ def test_msmt17_parse(tmp_path: Path) -> None:
     assert rel(s, "query", base) == [("test/0000/0000_000_02_0303afternoon_0001_0.jpg", 0, 1)]
     assert rel(s, "gallery", base) == [("test/0000/0000_001_04_0303afternoon_0002_0.jpg", 0, 3),
                                        ("test/0003/0003_000_11_0303morning_0100_0.jpg", 3, 10)]
+
+
+def test_msmt17_v2_layout(tmp_path: Path) -> None:
+    make_msmt(tmp_path / "MSMT17_V2", ("mask_train_v2", "mask_test_v2"))
+    assert datasets.detect_format(tmp_path) == "msmt17"
+    s = datasets.load("msmt17", tmp_path)
+    base = tmp_path / "MSMT17_V2"
+    assert rel(s, "train", base)[3] == ("mask_train_v2/0001/0001_001_03_0303noon_0002_0.jpg", 1, 2)
+    assert rel(s, "gallery", base) == [("mask_test_v2/0000/0000_001_04_0303afternoon_0002_0.jpg", 0, 3),
+                                       ("mask_test_v2/0003/0003_000_11_0303morning_0100_0.jpg", 3, 10)]
+    (base / "list_query.txt").unlink()  # the error speaks of the version that is there
+    with pytest.raises(DataError, match=r"not a msmt17 layout, missing list_query.txt$"):
+        datasets.load("msmt17", base)
 
 
 def test_msmt17_errors(tmp_path: Path) -> None:

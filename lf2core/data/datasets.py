@@ -5,7 +5,7 @@ Formats (``load(name, root)``; the layouts are documented for users in ``docs/da
 - ``market1501``: ``bounding_box_train/``, ``query/``, ``bounding_box_test/`` holding images named
   ``0002_c1s1_000451_00.jpg`` (pid, camera, sequence, frame, box).
 - ``dukemtmc``: the same folders, images named ``0005_c2_f0046985.jpg`` (pid, camera, frame).
-- ``msmt17``: MSMT17 V1, ``train/``, ``test/`` and ``list_{train,val,query,gallery}.txt`` (lines
+- ``msmt17``: MSMT17 V1 (``train/``, ``test/``) or V2 (``mask_train_v2/``, ``mask_test_v2/``) and ``list_{train,val,query,gallery}.txt`` (lines
   ``relative/path.jpg label``); train = list_train + list_val; the camera is the file name's 3rd field.
 - ``folder``: a generic layout, ``root/{train,query,gallery}/<identity>/<image>`` with the camera taken from
   a ``c<digits>`` token of the file name (camera 0 when there is none), or a CSV ``root/manifest.csv`` with
@@ -44,7 +44,8 @@ SPLIT_NAMES = ("train", "query", "gallery")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MSMT_LISTS = {"train": ("list_train.txt", "list_val.txt"), "query": ("list_query.txt",), "gallery": ("list_gallery.txt",)}
-MSMT_DIRS = {"train": "train", "query": "test", "gallery": "test"}
+# image folders (train, test): V1, then V2 as distributed (both spellings of its suffix are seen)
+MSMT_IMAGE_DIRS = (("train", "test"), ("mask_train_v2", "mask_test_v2"), ("mask_train_V2", "mask_test_V2"))
 FOLDER_CSV = "manifest.csv"
 FOLDER_CSV_COLUMNS = ("split", "path", "pid", "camid")
 #: pid of a train image without an identity (unlabelled target data; -1 is junk and never kept)
@@ -219,12 +220,26 @@ def _parse_market_style(root: Path, fmt: str) -> _Parsed:
     return out
 
 
+def _find_msmt_layout(root: Path) -> tuple[Path, str, str]:
+    """(data dir, train image folder, test image folder) of an MSMT17 V1 or V2 root."""
+    lists = tuple(n for names in MSMT_LISTS.values() for n in names)
+    errors = []
+    for train_dir, test_dir in MSMT_IMAGE_DIRS:
+        try:
+            return _find_layout(root, (train_dir, test_dir, *lists), "msmt17"), train_dir, test_dir
+        except DataError as e:
+            errors.append(e)
+    # report against the version whose image folders are there (V1 when neither is)
+    names = {e.name for e in _list_dir(root)}
+    pick = next((k for k, (tr, _) in enumerate(MSMT_IMAGE_DIRS) if tr in names), 0)
+    raise errors[pick]
+
+
 def _parse_msmt(root: Path) -> _Parsed:
-    required = ("train", "test") + tuple(n for names in MSMT_LISTS.values() for n in names)
-    data_dir = _find_layout(root, required, "msmt17")
+    data_dir, train_dir, test_dir = _find_msmt_layout(root)
     out = _Parsed(splits={s: [] for s in SPLIT_NAMES}, data_dir=data_dir)
     for split, list_names in MSMT_LISTS.items():
-        img_dir = data_dir / MSMT_DIRS[split]
+        img_dir = data_dir / (train_dir if split == "train" else test_dir)
         for list_name in list_names:
             list_path = data_dir / list_name
             try:
@@ -454,7 +469,7 @@ def detect_format(root: str | os.PathLike) -> str:
     if not local.is_dir():
         raise DataError(f"dataset root {root}: no such directory")
     for fmt, required in (
-        ("msmt17", ("train", "test", "list_train.txt")),
+        *(("msmt17", (tr, te, "list_train.txt")) for tr, te in MSMT_IMAGE_DIRS),
         ("market-style", tuple(MARKET_FOLDERS.values())),
         ("folder", (FOLDER_CSV,)),
         ("folder", SPLIT_NAMES),
