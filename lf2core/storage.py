@@ -494,8 +494,11 @@ def remove_tree(uri: str) -> int:
         root = Path(_strip_file(uri))
         if not root.exists():
             return 0
-        n = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 1
-        shutil.rmtree(root) if root.is_dir() else root.unlink()
+        if not root.is_dir():
+            root.unlink()
+            return 1
+        n = sum(1 for p in root.rglob("*") if p.is_file())
+        shutil.rmtree(root)
         return n
     bucket, key = split_s3(uri)
     if not key.strip("/"):
