@@ -168,3 +168,40 @@ def test_target_as_source_manifest(tiny, tmp_path):
     m, m0 = read_manifest(o), read_manifest(data)
     for sp in ("train", "query", "gallery"):
         assert m["source"].split(sp) == m0["target"].split(sp) == m["target"].split(sp)
+
+
+def test_run_local_with_an_unlabelled_target(tiny, tmp_path):
+    """A target camera network without identities (loose crops in train/) adapts end to end; nothing that
+    needs target train identities is computed, and the label-using diagnostic refuses it."""
+    import shutil
+
+    from lf2core.data import datasets
+    from lf2core.data.manifest import write_manifest
+    from lf2core.errors import DataError
+    from lf2core.stages import run_local as rl
+
+    tmp, data, cfg, _ = tiny
+    m = read_manifest(data)
+    root = tmp_path / "cams"
+    for i, s in enumerate(m["target"].train):  # loose, no identity folder; camera token in the name
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, root / "train" / f"crop{i:03d}_c{s.camid + 1}.jpg")
+    for sp in ("query", "gallery"):
+        for i, s in enumerate(m["target"].split(sp)):
+            d = root / sp / f"{s.pid:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.path, d / f"{sp}{i:03d}_c{s.camid + 1}.jpg")
+    tgt = datasets.load("folder", root)
+    assert {s.pid for s in tgt.train} == {datasets.UNLABELLED} and len(tgt.train) == len(m["target"].train)
+    write_manifest(tmp_path / "data", m["source"], tgt)
+
+    one = copy.deepcopy(cfg)
+    one.finetune.rounds = 1
+    summary = rl.run_local(one, str(tmp_path / "run"), data=str(tmp_path / "data"), source_model=str(tmp / "pre"))
+    c = summary["rounds"][0]["cluster"]["global"]
+    assert c["num_clusters"] == 4 and "nmi" not in c and "pairwise_precision" not in c and "nmi_camera" in c
+    assert summary["rounds"][0]["finetune"]["global_step"] == 2
+    assert 0.0 <= summary["metrics"]["mAP"] <= 1.0  # query/gallery keep their identities
+    one.cluster.method = "ground_truth"
+    with pytest.raises(DataError, match="ground_truth needs an identity"):
+        rl.run_local(one, str(tmp_path / "run_gt"), data=str(tmp_path / "data"), source_model=str(tmp / "pre"))
