@@ -51,7 +51,6 @@ log = logging.getLogger("bench.uda")
 
 METHODS = ("source_only", "mt_global", "lf2_kmeans", "lf2_dbscan", "oracle")
 
-
 RUNS = {  # name -> config overrides on top of the demo recipe (and --set)
     "mt_global": ["finetune.variant=mt_global", "cluster.method=kmeans"],
     "lf2_kmeans": ["cluster.method=kmeans"],
@@ -73,7 +72,8 @@ def seed_tasks(fusion: bool, diagnostics: bool = False) -> dict[str, list[str]]:
     return tasks
 
 
-# longest first when several are ready (measured: pretrain ~8 min, a fine-tuning run 7-11 min)
+# longest first when several are ready (quiet 2-core machine, 1 thread: pretrain 4-5.5 min, a 6-round
+# fine-tuning run 3.5-6.5 min; see docs/benchmarks.md)
 PRIORITY = ("pretrain", "oracle_pretrain", "lf2_kmeans_fusion", "lf2_kmeans", "lf2_dbscan", "lf2_true_labels",
             "mt_global_dbscan", "mt_global")
 
