@@ -98,7 +98,8 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    _print_metrics(_call("lf2core.stages.run_local", "run_local")(_cfg(args), args.out, data=args.data, source_model=args.source_model))
+    _print_metrics(_call("lf2core.stages.run_local", "run_local")(
+        _cfg(args), args.out, data=args.data, source_model=args.source_model, eval_every=args.eval_every)["metrics"])
     return 0
 
 
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--data", default=None, help="existing prepare-data output (default: prepare it)")
     p.add_argument("--source-model", default=None, help="existing pretrain output (default: pretrain)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate the teacher every N rounds (target test split; curves only, never "
+                        "used to select anything; default 0 = only the final teacher)")
     p.set_defaults(func=_run_local)
 
     p = sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", add_help=False)

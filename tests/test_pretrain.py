@@ -58,13 +58,16 @@ def make_tiny_data(tmp: Path) -> Path:
     return out
 
 
+TINY_OVERRIDES = [
+    "model.arch=resnet18_narrow", "model.weights=none", "data.height=32", "data.width=16",
+    "data.num_workers=0", "pretrain.epochs=3", "pretrain.iters_per_epoch=2", "pretrain.batch_size=8",
+    "pretrain.num_instances=2", "pretrain.lr=0.00035", "pretrain.warmup_epochs=1", "pretrain.milestones=[2]",
+    "pretrain.eval_every=2", "eval.batch_size=32", "device=cpu",
+]
+
+
 def tiny_cfg(*extra: str):
-    return load_config("demo", [
-        "model.arch=resnet18_narrow", "model.weights=none", "data.height=32", "data.width=16",
-        "data.num_workers=0", "pretrain.epochs=3", "pretrain.iters_per_epoch=2", "pretrain.batch_size=8",
-        "pretrain.num_instances=2", "pretrain.lr=0.00035", "pretrain.warmup_epochs=1", "pretrain.milestones=[2]",
-        "pretrain.eval_every=2", "eval.batch_size=32", "device=cpu", *extra,
-    ])
+    return load_config("demo", [*TINY_OVERRIDES, *extra])
 
 
 @pytest.fixture(scope="module")

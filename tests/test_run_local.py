@@ -205,3 +205,26 @@ def test_run_local_with_an_unlabelled_target(tiny, tmp_path):
     one.cluster.method = "ground_truth"
     with pytest.raises(DataError, match="ground_truth needs an identity"):
         rl.run_local(one, str(tmp_path / "run_gt"), data=str(tmp_path / "data"), source_model=str(tmp / "pre"))
+
+
+def test_cli_run_local(tiny, tmp_path, capsys):
+    from lf2core.cli import main
+    from test_pretrain import TINY_OVERRIDES
+
+    tmp, data, _, _ = tiny
+    sets = [a for o in [*TINY_OVERRIDES, "finetune.batch_size=8", "finetune.num_instances=2",
+                        "finetune.iters_per_epoch=2", "finetune.rounds=2", "cluster.method=kmeans",
+                        "cluster.num_clusters=4", "cluster.kmeans_init_size=12"] for a in ("--set", o)]
+    args = ["run-local", "--config", "demo", *sets, "--out", str(tmp_path / "run"), "--data", str(data),
+            "--source-model", str(tmp / "pre")]
+    assert main([*args, "--eval-every", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"mAP", "R1", "R5", "R10", "mINP"}
+    assert printed == json.loads((tmp_path / "run" / "round_01" / "eval" / "metrics.json").read_text())
+    assert (tmp_path / "run" / "round_00" / "eval" / "_COMPLETE").exists()  # the per-round curve
+    # resuming the directory with another setting: one error line naming the file and the key, exit 2
+    bad = [a if a != "cluster.num_clusters=4" else "cluster.num_clusters=3" for a in args]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lf2: error: ") and "run_config.json" in err[0]
+    assert "cluster.num_clusters: 4 -> 3" in err[0]
