@@ -295,9 +295,9 @@ def main() -> int:
     wall = time.time() - t0
     out_md = Path(args.out)
     png = out_md.with_name(f"{out_md.stem}_uda.png")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
     plot(per_seed, png)
     text, js = report(per_seed, args, wall, png)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
