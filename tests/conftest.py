@@ -5,6 +5,8 @@
   bucket; yields the bucket name.
 - ``mlflow_server``: an ``mlflow server`` with a sqlite backend and proxied artifacts in the moto bucket
   ``mlflow-artifacts``; yields its URL.
+- ``one_torch_thread``: one torch intra-op thread for a whole test module, restored afterwards (modules
+  opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ from typing import Iterator
 import pytest
 
 from pipelines.local_servers import create_bucket, mlflow_server as _mlflow_server, moto_s3_server, s3_env as _s3_env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads: on a shared CPU one thread is much faster (OpenMP
+    barriers stall when the other thread is descheduled; 2 threads were ~10x slower on a loaded machine).
+    One fixed count also keeps the bit-exact reproducibility checks comparable."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

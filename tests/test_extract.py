@@ -20,13 +20,7 @@ from lf2core.stages.extract import extract_features, feature_names
 from test_pretrain import make_tiny_data, tiny_cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine 2 threads were ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def test_extract_flip_sum_normalise_and_order():

@@ -37,14 +37,7 @@ from test_pretrain import make_tiny_data, tiny_cfg
 ARCH = "resnet18_narrow"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared CPU (OpenMP barriers stall when the
-    other thread is descheduled); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # ----------------------------------------------------------------------------------------- ghost BN

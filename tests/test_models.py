@@ -26,13 +26,7 @@ from lf2core.models.lf2 import split_rows
 ARCH = "resnet18_narrow"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine 2 threads were ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def bn_train_ref(v: torch.Tensor, bn: torch.nn.BatchNorm1d) -> torch.Tensor:

@@ -17,13 +17,7 @@ from lf2core.data.manifest import write_manifest
 from lf2core.stages.pretrain import lr_factor, pretrain_source, work_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine 2 threads were ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _write_domain(root: Path, ids: int, test_ids: int, shift: float, seed: int) -> Splits:

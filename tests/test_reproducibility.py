@@ -36,13 +36,7 @@ TINY = [
 TIMING_KEYS = ("epoch_seconds", "train_seconds")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads (the same count is used for both locations)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _rows(splits) -> list[tuple[str, int, int]]:

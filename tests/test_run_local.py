@@ -21,12 +21,7 @@ from lf2core.models import SourceModel, build_target_model, save_mean_teacher
 from test_pretrain import make_tiny_data, tiny_cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
