@@ -32,6 +32,7 @@ from .errors import CheckpointError, Lf2Error, StorageError
 
 CHECKPOINT_FORMAT = "lf2-checkpoint/1"
 STATE_FORMAT = "lf2-state/1"
+STATE_FILE = "state.pt"  # the resumable training state inside a stage's work dir
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -203,10 +204,11 @@ def work_dir(out: str, stage: str) -> str:
 
 
 def release_work_dir(work: str) -> None:
-    """Drop the resumable state once the stage output is committed (local directory or s3:// prefix); a
-    failure to delete is logged, not raised: the output is already complete."""
+    """Drop the resumable state (``STATE_FILE``, nothing else) once the stage output is committed (local
+    directory - removed when left empty - or s3:// prefix); a failure to delete is logged, not raised: the
+    output is already complete."""
     try:
-        storage.remove_tree(work)
+        storage.remove_files(work, [STATE_FILE])
     except (StorageError, OSError) as e:
         logging.getLogger(__name__).warning("training state left at %s (%s); remove it when no longer needed",
                                             work, e)

@@ -34,7 +34,18 @@ def _print_metrics(metrics: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------- handlers
+def _claim_out(args: argparse.Namespace, stage: str) -> None:
+    """Refuse an ``--out`` that holds anything but a previous output of ``stage`` (before any work starts),
+    and mark such a previous output as being replaced."""
+    from . import storage
+
+    storage.set_overwrite(args.overwrite)
+    if stage:
+        storage.claim_output(args.out, stage)
+
+
 def _data_synth(args: argparse.Namespace) -> int:
+    _claim_out(args, "synthetic-data")
     stats = _call("lf2core.data.synthetic", "write_domain")(
         args.domain, args.out, ids=args.ids, test_ids=args.test_ids, seed=args.seed,
         height=args.height, width=args.width,
@@ -48,16 +59,19 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    _claim_out(args, "prepare-data")
     _print_metrics(_call("lf2core.stages.prepare", "prepare_data")(_cfg(args), args.out))
     return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    _claim_out(args, "pretrain-source")
     _print_metrics(_call("lf2core.stages.pretrain", "pretrain_source")(_cfg(args), args.data, args.out))
     return 0
 
 
 def _extract(args: argparse.Namespace) -> int:
+    _claim_out(args, "extract-features")
     _print_metrics(
         _call("lf2core.stages.extract", "extract_features")(_cfg(args), args.data, args.model, args.out, split=args.split)
     )
@@ -65,11 +79,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
+    _claim_out(args, "cluster")
     _print_metrics(_call("lf2core.stages.cluster", "cluster")(_cfg(args), args.features, args.out, round_index=args.round))
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    _claim_out(args, "finetune")
     _print_metrics(
         _call("lf2core.stages.finetune", "finetune")(
             _cfg(args), args.data, args.labels, args.model, args.out, round_index=args.round
@@ -79,6 +95,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    _claim_out(args, "evaluate")
     _print_metrics(_call("lf2core.stages.evaluate", "evaluate")(_cfg(args), args.data, args.model, args.out))
     return 0
 
@@ -98,6 +115,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    _claim_out(args, "")
     _print_metrics(_call("lf2core.stages.run_local", "run_local")(
         _cfg(args), args.out, data=args.data, source_model=args.source_model, eval_every=args.eval_every)["metrics"])
     return 0
@@ -109,6 +127,12 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- parser
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds other files (lf2 never deletes files it did not write; "
+                        "without this flag such an --out is refused)")
+
+
 def _add_cfg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="demo", help="recipe name in configs/ or a YAML path (default: demo)")
     p.add_argument(
@@ -126,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="write one synthetic domain in the Market-1501 layout")
     p.add_argument("--domain", choices=["a", "b"], required=True)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--ids", type=int, default=200, help="training identities (default 200)")
     p.add_argument("--test-ids", type=int, default=100, help="query/gallery identities (default 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -141,12 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="stage prepare-data: write the dataset manifest (and synthetic data)")
     _add_cfg(p)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("pretrain", help="stage pretrain-source: supervised training on the source domain")
     _add_cfg(p)
     p.add_argument("--data", required=True, help="prepare-data output (manifest directory)")
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("extract", help="stage extract-features: fusion features of a split")
@@ -154,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True, help="pretrain or finetune output")
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--split", default="target_train")
     p.set_defaults(func=_extract)
 
@@ -161,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(p)
     p.add_argument("--features", required=True)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--round", type=int, default=0)
     p.set_defaults(func=_cluster)
 
@@ -170,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True)
     p.add_argument("--model", required=True, help="pretrain output (round 0) or previous finetune output")
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--round", type=int, default=0)
     p.set_defaults(func=_finetune)
 
@@ -178,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("register", help="stage register: log the teacher to MLflow and register it")
@@ -199,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-local", help="the whole method in one process (prepare .. evaluate)")
     _add_cfg(p)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--data", default=None, help="existing prepare-data output (default: prepare it)")
     p.add_argument("--source-model", default=None, help="existing pretrain output (default: pretrain)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",

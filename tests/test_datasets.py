@@ -497,13 +497,13 @@ def test_write_manifest_rejects_paths_outside_root(tmp_path: Path) -> None:
 def test_s3_root_and_manifest(tmp_path: Path, s3_env: str) -> None:
     make_tree(tmp_path / "market", MARKET)
     uri = f"s3://{s3_env}/datasets/market"
-    storage.copy_tree(str(tmp_path / "market"), uri)
+    storage.copy_tree(str(tmp_path / "market"), uri, "dataset-copy")
     s = datasets.load("market1501", uri)
     assert s.root == uri
     assert rel(s, "gallery", Path(s.local_root)) == rel(datasets.load("market1501", tmp_path / "market"),
                                                        "gallery", tmp_path / "market")
     out = f"s3://{s3_env}/runs/prepare"
-    with storage.output_dir(out) as d:
+    with storage.output_dir(out, "prepare-data") as d:
         manifest.write_manifest(d, s, s)
     m = manifest.read_manifest(out)
     assert m["source"].root == uri

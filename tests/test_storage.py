@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -28,14 +29,15 @@ def test_local_roundtrip_and_file_scheme(tmp_path: Path) -> None:
 
 def test_local_output_dir_commit_and_failure(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    with storage.output_dir(str(dest)) as d:
+    with storage.output_dir(str(dest), "test-stage") as d:
         (d / "x.txt").write_text("1")
     assert storage.is_complete(str(dest)) and (dest / "x.txt").read_text() == "1"
     with pytest.raises(RuntimeError):
-        with storage.output_dir(str(dest)) as d:
+        with storage.output_dir(str(dest), "test-stage") as d:
             (d / "y.txt").write_text("2")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in dest.iterdir()) == ["_COMPLETE", "x.txt"]  # old output intact
+    assert sorted(p.name for p in dest.iterdir()) == ["_LF2_OUTPUT.json", "x.txt"]  # old files intact, ...
+    assert not storage.is_complete(str(dest))  # ... but no longer marked complete: a rerun began replacing it
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial dir left
 
 
@@ -69,38 +71,43 @@ def test_s3_bytes_exists_and_errors(s3_env: str) -> None:
             call("s3://no-such-bucket-lf2/k")
 
 
-def test_remove_tree_local_and_s3(s3_env: str, tmp_path: Path) -> None:
+def test_remove_files_local_and_s3(s3_env: str, tmp_path: Path) -> None:
     for base in (str(tmp_path / "state"), f"s3://{s3_env}/runs"):
-        for name in ("x.partial/a.pt", "x.partial/sub/b.json", "x.partial2/keep", "x/keep"):
+        for name in ("x.partial/state.pt", "x.partial/mine.txt", "x.partial2/state.pt"):
             storage.write_bytes(f"{base}/{name}", b"1")
-        assert storage.remove_tree(f"{base}/x.partial") == 2
-        assert not storage.exists(f"{base}/x.partial")
-        assert storage.exists(f"{base}/x.partial2/keep") and storage.exists(f"{base}/x/keep")  # prefix boundary
-        assert storage.remove_tree(f"{base}/x.partial") == 0
-    with pytest.raises(StorageError, match="refusing to remove a whole bucket"):
-        storage.remove_tree(f"s3://{s3_env}/")
+        storage.remove_files(f"{base}/x.partial", ["state.pt"])
+        assert not storage.exists(f"{base}/x.partial/state.pt")
+        assert storage.exists(f"{base}/x.partial/mine.txt") and storage.exists(f"{base}/x.partial2/state.pt")
+        storage.remove_files(f"{base}/x.partial", ["mine.txt"])
+        assert not storage.exists(f"{base}/x.partial")  # an emptied local directory goes too
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["x.partial2"]
 
 
 def test_s3_output_dir_atomic_commit(s3_env: str) -> None:
     uri = f"s3://{s3_env}/runs/r1/cluster"
     with pytest.raises(RuntimeError):
-        with storage.output_dir(uri) as d:
+        with storage.output_dir(uri, "test-stage") as d:
             (d / "labels.npz").write_bytes(b"L")
             raise RuntimeError("stage failed")
     assert _objects(s3_env) == {}  # nothing half-written is visible
-    with storage.output_dir(uri) as d:
+    with storage.output_dir(uri, "test-stage") as d:
         (d / "labels.npz").write_bytes(b"L1")
         (d / "sub").mkdir()
         (d / "sub" / "stats.json").write_text("{}")
-    assert _objects(s3_env) == {"runs/r1/cluster/labels.npz": b"L1", "runs/r1/cluster/sub/stats.json": b"{}",
-                                "runs/r1/cluster/_COMPLETE": b"ok\n"}
+    objs = _objects(s3_env)
+    assert json.loads(objs.pop("runs/r1/cluster/_LF2_OUTPUT.json")) == {
+        "format": "lf2-output/1", "stage": "test-stage", "files": ["labels.npz", "sub/stats.json"]}
+    assert objs == {"runs/r1/cluster/labels.npz": b"L1", "runs/r1/cluster/sub/stats.json": b"{}",
+                    "runs/r1/cluster/_COMPLETE": b"ok\n"}
     assert storage.is_complete(uri)
-    with storage.output_dir(uri) as d:  # a re-run replaces the whole output, stale objects removed
+    with storage.output_dir(uri, "test-stage") as d:  # a re-run replaces the whole output, stale objects removed
         (d / "labels.npz").write_bytes(b"L2")
-    assert _objects(s3_env) == {"runs/r1/cluster/labels.npz": b"L2", "runs/r1/cluster/_COMPLETE": b"ok\n"}
-    assert storage.list_files(uri) == ["_COMPLETE", "labels.npz"]
+    objs = _objects(s3_env)
+    assert json.loads(objs.pop("runs/r1/cluster/_LF2_OUTPUT.json"))["files"] == ["labels.npz"]
+    assert objs == {"runs/r1/cluster/labels.npz": b"L2", "runs/r1/cluster/_COMPLETE": b"ok\n"}
+    assert storage.list_files(uri) == ["_COMPLETE", "_LF2_OUTPUT.json", "labels.npz"]
     with pytest.raises(StorageError, match="does not exist"):
-        with storage.output_dir("s3://no-such-bucket-lf2/x"):
+        with storage.output_dir("s3://no-such-bucket-lf2/x", "test-stage"):
             pytest.fail("the missing bucket must be reported before the stage runs")
 
 
@@ -185,7 +192,7 @@ def test_s3_failed_upload_leaves_no_complete_marker(s3_env: str, monkeypatch: py
 
     monkeypatch.setattr(storage, "upload_file", flaky)
     with pytest.raises(StorageError, match=r"f07\.bin: access denied"):
-        with storage.output_dir(uri) as d:
+        with storage.output_dir(uri, "test-stage") as d:
             for i in range(20):
                 (d / f"f{i:02d}.bin").write_bytes(bytes([i]))
     assert not storage.is_complete(uri)

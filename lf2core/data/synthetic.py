@@ -994,7 +994,7 @@ def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: i
         tqdm = None
     it = specs if tqdm is None else tqdm(specs, desc=f"synth {domain}", unit="img", leave=False,
                                          disable=None)
-    with output_dir(str(out)) as tmp:
+    with output_dir(str(out), "synthetic-data") as tmp:
         for sub in SPLIT_DIRS.values():
             (tmp / sub).mkdir()
         for spec in it:

@@ -114,7 +114,7 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
         log.info("cluster %s: %d clusters, %.1f%% outliers (%.1fs)", name, s["num_clusters"],
                  100 * s["outlier_ratio"], s["seconds"])
 
-    with storage.output_dir(out) as tmp:
+    with storage.output_dir(out, "cluster") as tmp:
         tmp = Path(tmp)
         buf = io.BytesIO()
         np.savez(buf, **labels)

@@ -115,7 +115,7 @@ def evaluate(cfg: Config, data: str, model: str, out: str) -> dict[str, Any]:
     log.info("evaluate %s (%s): mAP %.1f%% R1 %.1f%% R5 %.1f%% R10 %.1f%% mINP %.1f%% (%.1fs)", model,
              info["variant"], 100 * metrics["mAP"], 100 * metrics["R1"], 100 * metrics["R5"], 100 * metrics["R10"],
              100 * metrics["mINP"], time.time() - t0)
-    with storage.output_dir(out) as tmp:
+    with storage.output_dir(out, "evaluate") as tmp:
         (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         try:
             ranklist_png(str(Path(tmp) / "ranklist.png"), [s.path for s in query], [s.path for s in gallery],

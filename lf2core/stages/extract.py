@@ -78,7 +78,7 @@ def extract_features(cfg: Config, data: str, model: str, out: str, split: str = 
         "images_per_s": round(n / max(secs, 1e-9), 1),
         "device": str(device),
     }
-    with storage.output_dir(out) as tmp:
+    with storage.output_dir(out, "extract-features") as tmp:
         buf = io.BytesIO()
         np.savez(buf, **{k: feats[k] for k in [*names, "pids", "camids"]})
         (Path(tmp) / "features.npz").write_bytes(buf.getvalue())

@@ -196,7 +196,7 @@ def finetune(
     device = select_device(cfg.device)
     key = _fingerprint(cfg, labels_bytes, model, round_index)
     work = work_dir(out)
-    state_uri = storage.join(work, "state.pt")
+    state_uri = storage.join(work, checkpoint.STATE_FILE)
 
     def build(mt: Any, centroids: Optional[torch.Tensor]) -> tuple[Any, Finetuner]:
         if settings.variant == "lf2" and mt.student.num_parts != 2:
@@ -293,7 +293,7 @@ def finetune(
     from ..models import save_mean_teacher
 
     mt.to("cpu").to(memory_format=torch.contiguous_format)
-    with storage.output_dir(out) as tmp:
+    with storage.output_dir(out, "finetune") as tmp:
         save_mean_teacher(mt, str(tmp), cfg, extra={
             "variant": settings.variant, "round": int(round_index), "global_step": final["global_step"],
         })

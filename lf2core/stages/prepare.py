@@ -104,7 +104,7 @@ def _synthetic_at_root(side: str, root: str, params: dict[str, Any]) -> tuple[da
             f"config key 'data.{side}.root': {root} is not empty and holds no lf2 synthetic data "
             f"({SYNTH_MARKER}); refusing to overwrite it - use an empty or new directory, or root \"\""
         )
-    with storage.output_dir(root) as tmp:
+    with storage.output_dir(root, "synthetic-data") as tmp:
         _generate(params, Path(tmp))
     return datasets.load("market1501", root), True
 
@@ -135,7 +135,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
     if cfg.data.cache_dir:
         storage.set_cache_dir(cfg.data.cache_dir)
     metrics: dict[str, Any] = {}
-    with storage.output_dir(str(out)) as tmp:
+    with storage.output_dir(str(out), "prepare-data") as tmp:
         tmp = Path(tmp)
         loaded: dict[str, datasets.Splits] = {}
         for side in SIDES:

@@ -178,7 +178,7 @@ def pretrain_source(
     tri = triplet_loss(p.triplet_margin)
 
     work = work_dir(out)
-    state_uri = storage.join(work, "state.pt")
+    state_uri = storage.join(work, checkpoint.STATE_FILE)
     key = _config_key(cfg)
     start_epoch, history = 0, []
     if storage.exists(state_uri):
@@ -269,7 +269,7 @@ def pretrain_source(
         final.update({f"target_{k}": v for k, v in r.items()})
         log.info("source model on the target test split (report only): mAP %.1f%% R1 %.1f%%",
                  100 * r["mAP"], 100 * r["R1"])
-    with storage.output_dir(out) as tmp:
+    with storage.output_dir(out, "pretrain-source") as tmp:
         model_cpu_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_checkpoint(str(Path(tmp) / "model.pt"), model_cpu_state, "source", cfg,
                         extra={"arch": cfg.model.arch, "num_classes": num_classes, "epochs": p.epochs,

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 from .. import storage
 from ..config import Config, ConfigError
-from ..errors import DataError
+from ..errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def target_as_source_manifest(data: str, out: str) -> str:
     if storage.exists(storage.join(out, "manifest.json")):
         return out
     m = read_manifest(data)
-    with storage.output_dir(out) as tmp:
+    with storage.output_dir(out, "prepare-data") as tmp:
         write_manifest(str(tmp), m["target"], m["target"])
     return out
 
@@ -69,6 +69,14 @@ def target_as_source_manifest(data: str, out: str) -> str:
 # keys that may change between a run and its resumption: they do not change what a finished stage computed
 # (``finetune.rounds``: more rounds extend a run; each round depends only on the rounds before it)
 RESUMABLE_KEYS = ("finetune.rounds", "data.num_workers", "data.cache_dir", "eval.batch_size", "recipe")
+
+
+def _claim_run_dir(out: str) -> None:
+    """A run directory is new, empty, or one that ``run_local`` started (it holds ``run_config.json``)."""
+    if storage.present_files(out) and not storage.exists(storage.join(out, "run_config.json")) \
+            and not storage.overwrite_allowed():
+        raise StorageError(f"{out}: is not empty and is not an lf2 run directory (no run_config.json); use an "
+                           f"empty or new directory (or --overwrite: lf2 deletes nothing there)")
 
 
 def _check_run_config(cfg: Config, out: str, data: str, source_model: str) -> None:
@@ -114,6 +122,7 @@ def run_local(
     from .pretrain import pretrain_source
     from .prepare import prepare_data
 
+    _claim_run_dir(out)
     emit = on_metrics or (lambda m, s: None)
 
     def prefixed(prefix: str) -> MetricsCallback:
