@@ -13,9 +13,11 @@ Every stage goes through these few functions, so a stage never knows which backe
 S3 goes through boto3 only here. The endpoint and credentials come from the standard AWS environment
 and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws/config`` ...), so MinIO, moto or
 any S3-compatible store works. A single S3 object only ever becomes visible complete (PUT and
-CompleteMultipartUpload are atomic); transient errors are retried with exponential backoff
-(``$LF2_S3_MAX_ATTEMPTS``, default 5). Errors are raised as ``StorageError`` naming the URI, e.g.
-``s3://bucket/key: bucket does not exist``.
+CompleteMultipartUpload are atomic). Every operation is bounded (``S3_SETTINGS``: connect and read
+timeouts, attempts, total retry seconds, each overridable by the environment variable of that name):
+transient errors are retried with exponential backoff, and a dead or silent endpoint fails in about
+a minute with one ``StorageError`` naming the URI and the endpoint, e.g.
+``s3://bucket/key: bucket 'bucket' does not exist``.
 """
 
 from __future__ import annotations
@@ -94,24 +96,54 @@ def cache_dir() -> Path:
 
 
 # ============================================================================================ S3 plumbing
+S3_SETTINGS = {  # environment variable -> default; documented in docs/reliability.md
+    "LF2_S3_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection
+    "LF2_S3_READ_TIMEOUT": 20.0,  # seconds without a byte from the server before a request fails
+    "LF2_S3_RETRY_SECONDS": 40.0,  # no new attempt after this long: a dead endpoint fails in ~1 minute
+    "LF2_S3_MAX_ATTEMPTS": 8,  # attempts per operation (each whole: botocore itself does not retry)
+}
+
+
+def s3_setting(name: str) -> float:
+    """A number from ``S3_SETTINGS``, overridden by the environment; a bad value names the variable."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return S3_SETTINGS[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise StorageError(f"environment variable {name}={raw!r}: expected a positive number of "
+                           f"{'attempts' if name.endswith('ATTEMPTS') else 'seconds'}")
+    return value
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint in use (for error messages): ``$AWS_ENDPOINT_URL[_S3]`` or AWS's own."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (default endpoint)"
+
+
 def _s3() -> Any:
-    """A boto3 S3 client configured from the standard AWS environment (cached per environment)."""
+    """A boto3 S3 client configured from the standard AWS environment (cached per environment).
+
+    botocore's own retries are off: ``_retry`` retries whole operations within ``LF2_S3_RETRY_SECONDS``."""
     global _client, _client_key
     key = tuple(os.environ.get(k) for k in (
         "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "LF2_S3_MAX_ATTEMPTS",
+        "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", *S3_SETTINGS,
     ))
     if _client is None or key != _client_key:
         import boto3
         from botocore.config import Config as BotoConfig
 
-        attempts = int(os.environ.get("LF2_S3_MAX_ATTEMPTS", "5"))
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
         _client = boto3.session.Session().client(
             "s3",
             region_name=region,
-            config=BotoConfig(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10,
-                              read_timeout=120),
+            config=BotoConfig(retries={"total_max_attempts": 1, "mode": "standard"},
+                              connect_timeout=s3_setting("LF2_S3_CONNECT_TIMEOUT"),
+                              read_timeout=s3_setting("LF2_S3_READ_TIMEOUT")),
         )
         _client_key = key
     return _client
@@ -121,7 +153,7 @@ def _transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE,
-                          max_concurrency=4, use_threads=True)
+                          max_concurrency=4, use_threads=True, num_download_attempts=1)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -154,7 +186,7 @@ def _translate(exc: BaseException, uri: str) -> StorageError:
         return StorageError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                             f"or an AWS profile)")
     if isinstance(exc, (bexc.EndpointConnectionError, bexc.ConnectionError)):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint ({exc})")
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {s3_endpoint()} ({_short(exc)})")
     return StorageError(f"{uri}: S3 error {code or type(exc).__name__}: {exc}")
 
 
@@ -162,7 +194,7 @@ def _transient(exc: BaseException) -> bool:
     from botocore import exceptions as bexc
 
     if isinstance(exc, (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
-                        bexc.ConnectTimeoutError)):
+                        bexc.ConnectTimeoutError, bexc.ConnectionError)):
         return True
     code = _error_code(exc)
     return code in ("500", "502", "503", "504", "InternalError", "SlowDown", "ServiceUnavailable",
@@ -172,26 +204,52 @@ def _transient(exc: BaseException) -> bool:
 def _retry(uri: str, fn: Callable[[], T]) -> T:
     """Run an S3 operation; transient failures are retried with exponential backoff + jitter.
 
-    botocore already retries single requests; this outer loop also covers whole transfers (a multipart
-    upload whose connection dropped). Non-transient errors are translated at once.
+    Bounded: at most ``LF2_S3_MAX_ATTEMPTS`` attempts, and none started after ``LF2_S3_RETRY_SECONDS``;
+    each attempt is bounded by the connect/read timeouts. A whole transfer is one attempt (a multipart
+    upload whose connection dropped is retried whole). Non-transient errors are translated at once; the
+    final error names the URI, the endpoint and how long was tried.
     """
-    attempts = max(1, int(os.environ.get("LF2_S3_MAX_ATTEMPTS", "5")))
+    attempts = int(s3_setting("LF2_S3_MAX_ATTEMPTS"))
+    budget = s3_setting("LF2_S3_RETRY_SECONDS")
+    t0 = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except StorageError:
             raise
         except Exception as e:
-            if not type(e).__module__.startswith(("boto3", "botocore", "s3transfer")):
+            if not type(e).__module__.startswith(("boto3", "botocore", "s3transfer", "urllib3")):
                 raise
-            if attempt < attempts and _transient(e):
-                delay = min(20.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-                log.warning("%s: transient S3 error (%s), retry %d/%d in %.1fs", uri, e, attempt, attempts - 1,
-                            delay)
-                time.sleep(delay)
-                continue
-            raise _translate(e, uri) from None
+            if not _transient(e):
+                raise _translate(e, uri) from None
+            elapsed = time.monotonic() - t0
+            delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            if attempt == attempts or elapsed + delay > budget:
+                raise _give_up(e, uri, attempt, time.monotonic() - t0) from None
+            log.warning("%s: transient S3 error (%s), retry %d/%d in %.1fs", uri, _short(e), attempt,
+                        attempts - 1, delay)
+            time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _give_up(exc: BaseException, uri: str, attempts: int, seconds: float) -> StorageError:
+    from botocore import exceptions as bexc
+
+    tried = f"{attempts} attempt(s) in {seconds:.0f} s; limits: LF2_S3_RETRY_SECONDS, LF2_S3_READ_TIMEOUT"
+    if isinstance(exc, bexc.ReadTimeoutError):
+        why = (f"the S3 endpoint {s3_endpoint()} accepted the connection but did not answer within "
+               f"{s3_setting('LF2_S3_READ_TIMEOUT'):g} s (server hung or overloaded?)")
+    elif isinstance(exc, (bexc.EndpointConnectionError, bexc.ConnectTimeoutError, bexc.ConnectionError)):
+        why = f"cannot reach the S3 endpoint {s3_endpoint()} (is it running? check AWS_ENDPOINT_URL)"
+    else:
+        status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        why = (f"the S3 endpoint {s3_endpoint()} kept failing ("
+               f"{f'HTTP {status} ' if status else ''}{_error_code(exc) or type(exc).__name__})")
+    return StorageError(f"{uri}: {why}; gave up after {tried}")
 
 
 def _parallel(fn: Callable[[Any], None], items: list) -> None:

@@ -109,12 +109,87 @@ def resolve_tracking_uri(cfg: Any = None, tracking_uri: Optional[str] = None) ->
 
 _uri: Optional[str] = None  # the store chosen by the last use()/configure() in this process
 
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff by default (~an hour
+# against a silent server); lf2 bounds it unless the user set these variables (docs/reliability.md).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+HEALTH_TIMEOUT = 10.0  # seconds for the reachability check of a tracking server
+
 
 def use(cfg: Any = None, tracking_uri: Optional[str] = None) -> str:
-    """Choose the tracking store for this process (cheap: does not import mlflow); returns its URI."""
+    """Choose the tracking store for this process (cheap: does not import mlflow); returns its URI.
+    Also bounds MLflow's HTTP timeouts and retries (``HTTP_DEFAULTS``, where the environment sets none)."""
     global _uri
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     _uri = resolve_tracking_uri(cfg, tracking_uri)
     return _uri
+
+
+def _http_get(url: str, timeout: float) -> bytes:
+    """GET with the credentials MLflow itself would send (user:password in the URI, or
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``)."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    user = urllib.parse.unquote(parts.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    password = urllib.parse.unquote(parts.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"])
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
+def check_reachable(cfg: Any = None, tracking_uri: Optional[str] = None, timeout: float = HEALTH_TIMEOUT) -> str:
+    """Fail fast, before any training, when the tracking store cannot be used; returns its (masked) URI.
+
+    A server (http/https) must answer ``GET /health`` within ``timeout`` seconds; when it proxies
+    artifacts, listing its artifact root must work too (the server reaches its artifact store). A local
+    sqlite store's directory must be writable. Raises ``TrackingError`` naming the server and the likely
+    cause. No-op when tracking is disabled.
+    """
+    if not enabled():
+        return ""
+    uri = use(cfg, tracking_uri)
+    shown = mask(uri)
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {shown}: directory {folder} is missing or not writable")
+        return shown
+    if not uri.startswith(("http://", "https://")):
+        return shown
+    import urllib.error
+
+    base = uri.rstrip("/")
+    try:
+        _http_get(base + "/health", timeout)
+    except urllib.error.HTTPError as e:
+        raise TrackingError(f"MLflow tracking server {shown}: /health answered HTTP {e.code}; is this an "
+                            f"MLflow server? (MLFLOW_TRACKING_URI / tracking.tracking_uri)") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        why = ("did not answer within %g s (server hung or overloaded?)" % timeout
+               if "timed out" in str(reason) else f"unreachable ({reason}); is it running?")
+        raise TrackingError(f"MLflow tracking server {shown}: {why} (MLFLOW_TRACKING_URI / "
+                            f"tracking.tracking_uri)") from None
+    try:  # a server that proxies artifacts must reach its artifact store
+        _http_get(base + "/api/2.0/mlflow-artifacts/artifacts", timeout)
+    except urllib.error.HTTPError as e:
+        if e.code >= 500:
+            raise TrackingError(f"MLflow tracking server {shown}: its artifact store fails (HTTP {e.code} listing "
+                                f"artifacts); check the server's --artifacts-destination and its S3 "
+                                f"credentials") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow tracking server {shown}: listing artifacts did not complete "
+                            f"({getattr(e, 'reason', e)}); check its artifact store") from None
+    return shown
 
 
 def _is_local_store(uri: str) -> bool:
@@ -191,7 +266,8 @@ def start_run(cfg: Any, run_name: Optional[str] = None, tags: Optional[Mapping[s
               run_id: Optional[str] = None) -> Iterator[Optional[str]]:
     """Context: an active MLflow run (new, or ``run_id`` resumed) yielding its id; ``None`` if disabled.
 
-    The run ends FINISHED on success and FAILED if the block raises.
+    The run ends FINISHED on success, FAILED if the block raises (KILLED on Ctrl-C), the error as the
+    tag ``lf2.error``.
     """
     if not enabled():
         yield None
@@ -201,14 +277,35 @@ def start_run(cfg: Any, run_name: Optional[str] = None, tags: Optional[Mapping[s
     configure(cfg)
     if run_id is None:
         run_id = create_run(cfg, run_name, tags)
-    with mlflow.start_run(run_id=run_id) as run:
-        yield run.info.run_id
+    with ended_on_error(run_id, end=False):
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run.info.run_id
 
 
 def end_run(run_id: Optional[str], status: str = "FINISHED") -> None:
     if not enabled() or not run_id:
         return
     _client().set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def ended_on_error(run_id: Optional[str], end: bool = True) -> Iterator[None]:
+    """On an exception in the block, end ``run_id`` FAILED (KILLED on Ctrl-C / SIGTERM-as-SystemExit) with
+    the error as the tag ``lf2.error``, then re-raise; on success end it FINISHED when ``end``. A tracking
+    server that is itself the failure is logged, not allowed to hide the original error."""
+    try:
+        yield
+    except BaseException as e:
+        if enabled() and run_id:
+            status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            try:
+                _client().set_tag(run_id, "lf2.error", mask(f"{type(e).__name__}: {e}")[:4000])
+                end_run(run_id, status)
+            except Exception as te:  # noqa: BLE001 - the original error matters more
+                log.warning("could not mark MLflow run %s %s (%s)", run_id, status, te)
+        raise
+    if end:
+        end_run(run_id)
 
 
 def log_params(params: Mapping[str, Any], run_id: Optional[str] = None) -> None:
@@ -324,19 +421,18 @@ def log_and_register_model(
     own_run = run_id is None
     if own_run:
         run_id = create_run(cfg, run_name="register")
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=input_example,
-            registered_model_name=name, code_paths=code_paths, pip_requirements=pip_requirements,
-            serialization_format="pickle",  # torch.export (pt2) would specialise the batch size
-        )
-    version = str(info.registered_model_version)
-    client = _client()
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(name, version, k, str(mask(v, k)))
-    client.set_registered_model_alias(name, alias, version)
-    if own_run:
-        end_run(run_id)
+    with ended_on_error(run_id, end=own_run):
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=input_example,
+                registered_model_name=name, code_paths=code_paths, pip_requirements=pip_requirements,
+                serialization_format="pickle",  # torch.export (pt2) would specialise the batch size
+            )
+        version = str(info.registered_model_version)
+        client = _client()
+        for k, v in (tags or {}).items():
+            client.set_model_version_tag(name, version, k, str(mask(v, k)))
+        client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
             "alias": alias}
 
@@ -397,6 +493,7 @@ def promote(
     """
     if not enabled():
         return PromotionDecision(False, "tracking is disabled (LF2_TRACKING=off)", model_name, version, alias)
+    check_reachable(tracking_uri=tracking_uri)
     _set_uri(tracking_uri)
     from mlflow.exceptions import MlflowException
 
