@@ -73,15 +73,6 @@ def _segment_starts(counts: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _expand_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ranges ``[starts[e], starts[e] + counts[e])``: (owner e of each element, element positions)."""
-    counts = counts.astype(np.int64, copy=False)
-    total = int(counts.sum())
-    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    offs = np.arange(total, dtype=np.int64) - np.repeat(_segment_starts(counts), counts)
-    return owner, starts.astype(np.int64, copy=False)[owner] + offs
-
-
 def reciprocal_pairs(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``R(i, k)`` for all ``i`` as pairs ``(rows, cols)``, rows ascending, each row in rank order.
 
@@ -171,17 +162,6 @@ def build_v(x: np.ndarray, rank: np.ndarray, sims: np.ndarray, k1: int, k2: int)
         v = (a @ v).tocsr()
     v.sort_indices()
     return v
-
-
-def _unique_sorted(a: np.ndarray) -> np.ndarray:
-    """Sorted unique values (faster than ``np.unique`` on large int64 arrays here)."""
-    a = np.sort(a)
-    if len(a) == 0:
-        return a
-    keep = np.empty(len(a), dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
 
 
 class _ChunkedOutput:
