@@ -2,7 +2,7 @@
 
 References written here: a plain-loop per-query evaluator (tie rule: distance, then gallery index),
 sklearn's average_precision_score, hand-computed tiny cases, a brute-force pairwise distance and a dense
-numpy k-reciprocal re-ranking written from the semantics in docs (lf2-method.md).
+numpy k-reciprocal re-ranking written from the semantics in docs/method.md (section 5).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def test_pairwise_distance_brute_force():
 
 # ------------------------------------------------------------------------------------------- rerank
 def dense_jaccard(x, k1, k2):
-    """Dense reference of lf2-method.md's k-reciprocal Jaccard distance (x: [N, d], unit rows)."""
+    """Dense reference of docs/method.md's k-reciprocal Jaccard distance (x: [N, d], unit rows)."""
     n = len(x)
     sim = x @ x.T
     rank = np.argsort(-sim, axis=1, kind="stable")

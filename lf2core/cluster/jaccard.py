@@ -1,6 +1,6 @@
 """Sparse, vectorised k-reciprocal Jaccard distance (the SpCL / re-ranking "jaccard_dist").
 
-Semantics (docs: /work/shared/docs/lf2-method.md, "k-reciprocal Jaccard distance"), X = L2-normalised
+Semantics (docs/method.md, section 5, "DBSCAN on the k-reciprocal Jaccard distance"), X = L2-normalised
 features ``[N, d]``:
 
 1. ``initial_rank[i]`` = the ``k1`` nearest neighbours of ``i`` by inner product, ``i`` itself first.
