@@ -28,7 +28,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -381,13 +380,6 @@ def _active_run_id() -> Optional[str]:
     return run.info.run_id if run else None
 
 
-def get_run_metrics(run_id: str) -> dict[str, float]:
-    """Latest value of every metric of a run (empty when disabled)."""
-    if not enabled():
-        return {}
-    return dict(_client().get_run(run_id).data.metrics)
-
-
 # ============================================================================================ registry
 def log_and_register_model(
     model: Any,
@@ -573,17 +565,6 @@ def describe_aliases(model_name: str = "lf2-reid", tracking_uri: Optional[str] =
     except MlflowException:
         return {}
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
-
-
-def write_json_artifact(data: Mapping[str, Any], artifact_file: str, run_id: Optional[str] = None) -> None:
-    """Log a dict as a JSON artifact (e.g. ``eval/metrics.json``)."""
-    if not enabled():
-        return
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / Path(artifact_file).name
-        p.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
-        parent = str(Path(artifact_file).parent)
-        log_artifact(p, None if parent == "." else parent, run_id=run_id)
 
 
 register_model = log_and_register_model  # the name used in docs/internal-api.md

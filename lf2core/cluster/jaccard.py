@@ -1,6 +1,6 @@
 """Sparse, vectorised k-reciprocal Jaccard distance (the SpCL / re-ranking "jaccard_dist").
 
-Semantics (docs: /work/shared/docs/lf2-method.md, "k-reciprocal Jaccard distance"), X = L2-normalised
+Semantics (docs/method.md, section 5, "DBSCAN on the k-reciprocal Jaccard distance"), X = L2-normalised
 features ``[N, d]``:
 
 1. ``initial_rank[i]`` = the ``k1`` nearest neighbours of ``i`` by inner product, ``i`` itself first.
@@ -71,15 +71,6 @@ def _segment_starts(counts: np.ndarray) -> np.ndarray:
     starts = np.zeros(len(counts), dtype=np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     return starts
-
-
-def _expand_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ranges ``[starts[e], starts[e] + counts[e])``: (owner e of each element, element positions)."""
-    counts = counts.astype(np.int64, copy=False)
-    total = int(counts.sum())
-    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    offs = np.arange(total, dtype=np.int64) - np.repeat(_segment_starts(counts), counts)
-    return owner, starts.astype(np.int64, copy=False)[owner] + offs
 
 
 def reciprocal_pairs(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,17 +162,6 @@ def build_v(x: np.ndarray, rank: np.ndarray, sims: np.ndarray, k1: int, k2: int)
         v = (a @ v).tocsr()
     v.sort_indices()
     return v
-
-
-def _unique_sorted(a: np.ndarray) -> np.ndarray:
-    """Sorted unique values (faster than ``np.unique`` on large int64 arrays here)."""
-    a = np.sort(a)
-    if len(a) == 0:
-        return a
-    keep = np.empty(len(a), dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
 
 
 class _ChunkedOutput:
