@@ -20,6 +20,17 @@ from .errors import Lf2Error
 log = logging.getLogger("lf2")
 
 
+def one_line(e: BaseException) -> str:
+    """The message of an lf2 error as one line. An error raised in a DataLoader worker comes back wrapped
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its last line is the
+    original message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
+    return " ".join(text.split())
+
+
 def _cfg(args: argparse.Namespace) -> Config:
     return args.cfg
 
@@ -259,7 +270,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 storage.set_cache_dir(args.cfg.data.cache_dir)
         return int(args.func(args) or 0)
     except (Lf2Error, ConfigError) as e:
-        print(f"lf2: error: {e}", file=sys.stderr)
+        print(f"lf2: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused: read-only, full disk, a path under a file ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lf2: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lf2: interrupted", file=sys.stderr)
