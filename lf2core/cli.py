@@ -66,7 +66,8 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    return _call("lf2core.data.datasets", "check_main")(args.root, args.format, open_images=not args.no_images)
+    return _call("lf2core.data.datasets", "check_main")(args.root, args.format, open_images=not args.no_images,
+                                                        role=args.role)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root")
     p.add_argument("--format", default=None, help="market1501 | dukemtmc | msmt17 | folder (default: detect)")
     p.add_argument("--no-images", action="store_true", help="parse names only, do not open images")
+    p.add_argument("--role", choices=["source", "target"], default="target",
+                   help="hold the splits to prepare-data's rules for this domain (default: target, which "
+                        "needs train, query and gallery; a source needs a labelled train split)")
     p.set_defaults(func=_data_check)
 
     p = sub.add_parser("prepare", help="stage prepare-data: write the dataset manifest (and synthetic data)")

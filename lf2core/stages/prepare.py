@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SYNTH_MARKER = "lf2_synthetic.json"
 SYNTH_DOMAINS = {"source": "a", "target": "b"}
-REQUIRED_SPLITS = {"source": ("train",), "target": ("train", "query", "gallery")}
 
 
 def _synth_params(cfg: Config, side: str, version: str) -> dict[str, Any]:
@@ -109,21 +108,10 @@ def _synthetic_at_root(side: str, root: str, params: dict[str, Any]) -> tuple[da
     return datasets.load("market1501", root), True
 
 
-def _check_nonempty(side: str, splits: datasets.Splits) -> None:
-    for split in REQUIRED_SPLITS[side]:
-        if not splits.split(split):
-            raise DataError(f"{side} dataset {splits.root}: split '{split}' is empty")
-
-
-def _check_source_labelled(splits: datasets.Splits) -> None:
-    """The source domain is trained with its identities: no unlabelled train image."""
-    n = datasets.count_unlabelled(splits.train)
-    if n:
-        first = next(s.path for s in splits.train if s.pid == datasets.UNLABELLED)
-        raise DataError(
-            f"source dataset {splits.root}: {n} unlabelled train image(s) (e.g. {first}); the source domain "
-            "must be labelled: put every train image in an identity folder (or give its pid in manifest.csv)"
-        )
+def _check_role(side: str, splits: datasets.Splits) -> None:
+    problems = datasets.role_problems(splits, side)
+    if problems:
+        raise DataError(f"{side} dataset {splits.root}: {problems[0]}")
 
 
 def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
@@ -157,9 +145,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
                     raise DataError(f"config key 'data.{side}.root': empty; give the {dom.name} dataset's location")
                 log.info("parsing %s dataset at %s", dom.name, dom.root)
                 splits = datasets.load(dom.name, dom.root)
-            _check_nonempty(side, splits)
-            if side == "source":
-                _check_source_labelled(splits)
+            _check_role(side, splits)
             loaded[side] = splits
             for split, st in splits.stats().items():
                 metrics[f"{side}_{split}_images"] = st["images"]

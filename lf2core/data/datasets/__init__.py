@@ -32,11 +32,12 @@ from .folder import FOLDER_CSV, FOLDER_CSV_COLUMNS, folder_camera
 from .loading import detect_format, load
 from .market import MARKET_FOLDERS
 from .msmt import MSMT_IMAGE_DIRS, MSMT_LISTS
-from .samples import (FORMATS, IMAGE_EXTENSIONS, SPLIT_NAMES, UNLABELLED, Sample, Splits, count_unlabelled, relabel,
-                      split_stats)
+from .samples import (FORMATS, IMAGE_EXTENSIONS, REQUIRED_SPLITS, SPLIT_NAMES, UNLABELLED, Sample, Splits,
+                      count_unlabelled, relabel, role_problems, split_stats)
 
 __all__ = [
     "FOLDER_CSV", "FOLDER_CSV_COLUMNS", "FORMATS", "IMAGE_EXTENSIONS", "MARKET_FOLDERS", "MSMT_IMAGE_DIRS",
-    "MSMT_LISTS", "SPLIT_NAMES", "UNLABELLED", "Sample", "Splits", "check_image", "check_main", "count_unlabelled",
-    "detect_format", "folder_camera", "format_stats_table", "load", "relabel", "split_stats",
+    "MSMT_LISTS", "REQUIRED_SPLITS", "SPLIT_NAMES", "UNLABELLED", "Sample", "Splits", "check_image", "check_main",
+    "count_unlabelled", "detect_format", "folder_camera", "format_stats_table", "load", "relabel", "role_problems",
+    "split_stats",
 ]

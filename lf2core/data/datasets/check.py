@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from .loading import detect_format, localise, parse
-from .samples import SPLIT_NAMES, split_stats
+from .samples import SPLIT_NAMES, Splits, role_problems, split_stats
 
 
 def check_image(path: str | os.PathLike) -> Optional[str]:
@@ -41,11 +41,14 @@ def format_stats_table(stats: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def check_main(root: str, fmt: Optional[str] = None, open_images: bool = True, workers: int = 0) -> int:
+def check_main(root: str, fmt: Optional[str] = None, open_images: bool = True, workers: int = 0,
+               role: str = "target") -> int:
     """``lf2 data check``: print split statistics and one line per problem; 1 if any problem, else 0.
 
     Every image file is scanned (name parsing and, with ``open_images``, PIL verify + full decode); the
-    check never stops at the first problem. A wrong layout still raises DataError (the CLI exits 2).
+    check never stops at the first problem. The splits are held to the rules ``prepare-data`` applies to
+    a ``role`` (``source`` or ``target``) domain (``role_problems``). A wrong layout still raises
+    DataError (the CLI exits 2).
     """
     recorded, local = localise(root)
     if fmt is None:
@@ -60,6 +63,8 @@ def check_main(root: str, fmt: Optional[str] = None, open_images: bool = True, w
     if parsed.skipped:
         print(f"skipped {parsed.skipped} non-image entries")
     problems = list(parsed.problems)
+    as_splits = Splits(*(parsed.splits[s] for s in SPLIT_NAMES))
+    problems += [f"as a {role} domain: {p}" for p in role_problems(as_splits, role)]
     if open_images:
         files = [f for f in dict.fromkeys(parsed.files) if f.is_file()]
         from tqdm import tqdm

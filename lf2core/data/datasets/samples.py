@@ -77,6 +77,22 @@ def count_unlabelled(samples: list[Sample]) -> int:
     return sum(s.pid == UNLABELLED for s in samples)
 
 
+REQUIRED_SPLITS = {"source": ("train",), "target": ("train", "query", "gallery")}
+
+
+def role_problems(splits: "Splits", role: str) -> list[str]:
+    """Why ``splits`` cannot serve as the ``source`` or ``target`` domain (empty list: it can). The one
+    rule set behind ``prepare-data``'s refusal and ``lf2 data check --role``: the splits a role needs
+    must be non-empty, and a source domain must be labelled."""
+    problems = [f"split '{name}' is empty" for name in REQUIRED_SPLITS[role] if not splits.split(name)]
+    n = count_unlabelled(splits.train)
+    if role == "source" and n:
+        first = next(s.path for s in splits.train if s.pid == UNLABELLED)
+        problems.append(f"{n} unlabelled train image(s) (e.g. {first}); the source domain must be labelled: put "
+                        f"every train image in an identity folder (or give its pid in manifest.csv)")
+    return problems
+
+
 def relabel(samples: list[Sample]) -> np.ndarray:
     """Training labels 0..n-1 for the samples' pids (in increasing pid order); int64 array [N].
 
