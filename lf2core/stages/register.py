@@ -67,7 +67,12 @@ def load_eval_model(cfg: Config, model_uri: str) -> tuple[torch.nn.Module, dict[
     return EvalFeatureModel(net.cpu(), info["variant"]).eval(), info
 
 
+RETRIEVAL_METRICS = ("mAP", "R1", "R5", "R10", "mINP")  # fractions; the promotion gate compares mAP
+
+
 def read_metrics(metrics_uri: str) -> dict[str, Any]:
+    """An evaluate output's metrics, validated: ``mAP`` present and every retrieval metric a number in
+    [0, 1] (a bad file must not move the ``candidate`` alias); DataError naming the file and key."""
     path = _resolve(metrics_uri, "metrics.json")
     try:
         data = json.loads(storage.read_bytes(path))
@@ -75,6 +80,12 @@ def read_metrics(metrics_uri: str) -> dict[str, Any]:
         raise DataError(f"{path}: invalid metrics JSON ({e})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of metrics")
+    for key in RETRIEVAL_METRICS:
+        v = data.get(key)
+        if key == "mAP" and v is None:
+            raise DataError(f"{path}: no 'mAP' (an evaluate output holds mAP, R1, R5, R10, mINP)")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+            raise DataError(f"{path}: metric '{key}' must be a number in [0, 1], got {v!r}")
     return data
 
 
