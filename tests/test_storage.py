@@ -177,7 +177,8 @@ def test_retries_give_up_with_clear_error(stubbed: Stubber, monkeypatch: pytest.
     monkeypatch.setenv("LF2_S3_MAX_ATTEMPTS", "2")
     for _ in range(2):
         stubbed.add_client_error("put_object", service_error_code="SlowDown", http_status_code=503)
-    with pytest.raises(StorageError, match=r"^s3://b/k: S3 error SlowDown"):
+    with pytest.raises(StorageError, match=r"^s3://b/k: the S3 endpoint AWS S3 \(default endpoint\) kept failing "
+                                           r"\(HTTP 503 SlowDown\); gave up after 2 attempt\(s\) in 0 s"):
         storage.write_bytes("s3://b/k", b"v")
 
 
