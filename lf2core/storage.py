@@ -449,7 +449,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         _retry(uri, lambda: _s3().put_object(Bucket=bucket, Key=key, Body=data))
         return
     p = Path(_strip_file(uri))
-    p.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(p)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -458,7 +458,17 @@ def write_bytes(uri: str, data: bytes) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        for d in made:  # a failed write (a full disk, say) leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
+
+
+def _make_parents(p: Path) -> list[Path]:
+    """Create the missing parent directories of ``p``; returns them, deepest first."""
+    missing = [d for d in [p.parent, *p.parent.parents] if not d.exists()]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:

@@ -198,3 +198,28 @@ def test_s3_failed_upload_leaves_no_complete_marker(s3_env: str, monkeypatch: py
                 (d / f"f{i:02d}.bin").write_bytes(bytes([i]))
     assert not storage.is_complete(uri)
     assert f"runs/r2/finetune/{storage.COMPLETE_MARKER}" not in _objects(s3_env)
+
+
+def test_failed_local_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (here: the disk is full) removes its temp file and the directories it made."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(tmp_path / "run.partial" / "state.pt"), b"x" * 100)
+    assert list(tmp_path.iterdir()) == []
