@@ -454,6 +454,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _shareable(tmp)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -462,6 +463,15 @@ def write_bytes(uri: str, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+
+
+def _shareable(path: str | os.PathLike) -> None:
+    """Give a temp file/directory (created 0600/0700) the permissions of an ordinary one under the
+    process umask (0644/0755 by default), so that outputs on a shared file system are readable by the
+    group/others as the site's umask intends (docs/reliability.md)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def _make_parents(p: Path) -> list[Path]:
@@ -481,6 +491,7 @@ def upload_file(path: str | os.PathLike, uri: str) -> None:
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
+            _shareable(tmp)
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -630,6 +641,7 @@ def output_dir(uri: str, owner: str, overwrite: Optional[bool] = None) -> Iterat
             _remove_dead_scratch(dest)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.lf2-{os.getpid()}-", suffix=".partial",
                                         dir=dest.parent))
+            _shareable(tmp)
         except OSError as e:
             raise StorageError(f"{uri}: cannot create the output directory there ({e.strerror or e})") from None
     try:

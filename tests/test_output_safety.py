@@ -198,3 +198,19 @@ def test_cli_s3_bucket_root(s3_env: str, capsys: pytest.CaptureFixture) -> None:
     rc = lf2_main(["data", "synth", "--domain", "a", "--out", f"s3://{s3_env}", "--ids", "2", "--overwrite"])
     assert rc == 2 and "a bucket root is never an output location" in capsys.readouterr().err
     assert _bucket_keys(s3_env) == {"keep/me.txt"}
+
+
+def test_outputs_get_ordinary_permissions_under_the_umask(tmp_path: Path) -> None:
+    """Outputs are not left 0600/0700 like temp files: a shared cluster's umask decides (here 022 and 002)."""
+    for umask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o002, 0o664, 0o775)):
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"out{umask:o}"
+            with storage.output_dir(str(out), "cluster") as d:
+                (d / "labels.npz").write_bytes(b"L")
+            storage.write_bytes(str(tmp_path / f"w{umask:o}" / "state.pt"), b"s")
+        finally:
+            os.umask(old)
+        assert out.stat().st_mode & 0o777 == dir_mode
+        assert (out / "_COMPLETE").stat().st_mode & 0o777 == file_mode
+        assert (tmp_path / f"w{umask:o}" / "state.pt").stat().st_mode & 0o777 == file_mode
