@@ -65,3 +65,28 @@ def test_read_only_location_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     rc = lf2_main(["data", "synth", "--domain", "a", "--out", str(ro), "--ids", "2", "--test-ids", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("lf2: error: /proc/lf2-out: ")
+
+
+class _Payload:
+    """A class a pickle would instantiate on load: a weights-only reader must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def test_pickle_payloads_are_refused_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    from lf2core import storage
+    from lf2core.checkpoint import load_checkpoint
+    from lf2core.errors import CheckpointError
+
+    ck = tmp_path / "model.pt"
+    torch.save({"format": "lf2-checkpoint/1", "state_dict": {}, "x": _Payload()}, ck)
+    with pytest.raises(CheckpointError, match=rf"{ck}: corrupt or not a weights-only torch file"):
+        load_checkpoint(str(ck))
+    feats = tmp_path / "features.npz"
+    np.savez(feats, global_=np.array([_Payload()], dtype=object))
+    with pytest.raises(DataError, match=rf"{feats}: not a valid .npz file"):
+        storage.read_npz(str(feats), "features")
+    assert "payload ran" not in capsys.readouterr().out
