@@ -124,3 +124,21 @@ def test_failed_stage_marks_mlflow_run_failed(tmp_path: Path, monkeypatch: pytes
     with failure_marks_run(run_id):  # success leaves the status alone
         pass
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_components_follow_the_stage_table() -> None:
+    """Each stage of the table has a component of the same function name taking its inputs (and
+    producing its output) as KFP artifacts of the table's types, and its parameters."""
+    import inspect
+    import typing
+
+    from components import stages as comps
+    from lf2core.stages.table import STAGES
+
+    for st in STAGES:
+        params = inspect.signature(getattr(comps, st.func)).parameters
+        ports = [*st.inputs, *([st.output] if st.output is not None else [])]
+        for port in ports:
+            assert typing.get_args(params[port.name].annotation)[0].__name__ == port.artifact, (st.name, port.name)
+        for prm in st.params:
+            assert prm.name in params or prm.name == "split", (st.name, prm.name)
