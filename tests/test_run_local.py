@@ -17,7 +17,8 @@ from lf2core.data.transforms import test_transform as make_test_transform
 from lf2core.config import ConfigError
 from lf2core.errors import CheckpointError
 from lf2core.evaluation import evaluate_rank
-from lf2core.models import SourceModel, build_target_model, save_mean_teacher
+from lf2core.artifacts import write_mean_teacher
+from lf2core.models import SourceModel, build_target_model
 from test_pretrain import make_tiny_data, tiny_cfg
 
 
@@ -76,7 +77,7 @@ def test_evaluate_source_and_teacher_against_reference(tiny, tmp_path):
     mt.eval()
     for variant in ("lf2", "mt_global"):
         d = tmp_path / variant
-        save_mean_teacher(mt, str(d), cfg, extra={"variant": variant})
+        write_mean_teacher(str(d), mt, cfg, extra={"variant": variant})
         got = evaluate(cfg, str(data), str(d), str(tmp_path / f"ev_{variant}"))
         if variant == "lf2":
             fn = mt.teacher
