@@ -86,7 +86,7 @@ def test_local_target_has_no_kubernetes_config(tmp_path: Path) -> None:
 
 def test_lf2_cli_dispatches_to_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "p.yaml"
-    r = subprocess.run([sys.executable, "-m", "lf2core.cli", "pipeline", "compile", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "compile", "--out", str(out),
                         "--set", "finetune.rounds=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "2 rounds" in r.stdout and out.is_file()
