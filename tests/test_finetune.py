@@ -364,11 +364,16 @@ def test_finetune_round_outputs_and_exact_resume(tiny, tmp_path, monkeypatch):
 
     tmp, data, cfg, labels = tiny
     pre, lab = str(tmp / "pre"), str(tmp / "labels")
-    got_metrics = []
-    res = ft.finetune(cfg, str(data), lab, pre, str(tmp_path / "full"), round_index=1,
-                      on_metrics=lambda m, s: got_metrics.append(s), checkpoint_every=2)
+    from lf2core.checkpoint import TrainingState
+
+    saved, real_save = [], TrainingState.save
+    monkeypatch.setattr(TrainingState, "save", lambda self, m, o, s, epoch, **extra: saved.append(
+        (epoch, extra["iteration"])) or real_save(self, m, o, s, epoch, **extra))
+    res = ft.finetune(cfg, str(data), lab, pre, str(tmp_path / "full"), round_index=1, checkpoint_every=2)
+    monkeypatch.setattr(TrainingState, "save", real_save)
     assert res["global_step"] == 2 * 2 * 3 * 1 + 0 and res["num_classes"] == 4
-    assert got_metrics == [global_step(1, 1, 0, 2, 3), global_step(1, 2, 0, 2, 3)]
+    # the state after iteration 2 of each epoch (checkpoint_every) and after each epoch
+    assert saved == [(0, 2), (1, 0), (1, 2), (2, 0)]
     out = tmp_path / "full"
     assert {p.name for p in out.iterdir()} >= {"student.pt", "teacher.pt", "metrics.json", "_COMPLETE"}
     t = load_checkpoint(str(out / "teacher.pt"))

@@ -97,7 +97,6 @@ def test_run_local_outputs_and_resume(tiny, tmp_path, monkeypatch):
 
     tmp, data, cfg, _ = tiny
     out = tmp_path / "run"
-    seen = []
     # crash in round 1's finetune: rounds before it must not be redone on the re-run
     real = ft_mod.finetune
     calls = {"n": 0}
@@ -115,8 +114,7 @@ def test_run_local_outputs_and_resume(tiny, tmp_path, monkeypatch):
     assert not (out / "round_01" / "model").exists()
     done_before = (out / "round_00" / "model" / "teacher.pt").stat().st_mtime_ns
     monkeypatch.setattr(ft_mod, "finetune", real)
-    summary = rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1,
-                           on_metrics=lambda m, s: seen.append((m, s)))
+    summary = rl.run_local(cfg, str(out), data=str(data), source_model=str(tmp / "pre"), eval_every=1)
     assert (out / "round_00" / "model" / "teacher.pt").stat().st_mtime_ns == done_before
     assert set(summary["metrics"]) == {"mAP", "R1", "R5", "R10", "mINP"}
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -127,8 +125,9 @@ def test_run_local_outputs_and_resume(tiny, tmp_path, monkeypatch):
     assert summary["rounds"][1]["eval"] == summary["metrics"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["metrics"] == summary["metrics"]
-    keys = {k for m, _ in seen for k in m}
-    assert {"finetune/loss", "cluster/global/nmi", "eval/mAP", "eval_round/mAP"} <= keys
+    # the losses, the clustering quality and the per-round and final evaluations are all in the summary
+    assert all(np.isfinite(r["finetune"]["loss"]) for r in summary["rounds"])
+    assert "nmi" in r0["cluster"]["global"] and "mAP" in r0["eval"] and "mAP" in on_disk["metrics"]
     # everything complete: a re-run recomputes nothing and returns the same figures
     for mod, name in ((ft_mod, "finetune"),):
         monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("stage re-run"))

@@ -46,7 +46,6 @@ from ..errors import DataError
 from ..features import progress_enabled
 from ..runtime import DevicePolicy
 from ..training import Round, StepSettings, global_step, start_round, train_round
-from ..training.finetuner import MetricsCallback
 from .table import FINETUNE
 
 log = logging.getLogger(__name__)
@@ -84,15 +83,13 @@ def finetune(
     out: str,
     round_index: int = 0,
     *,
-    on_metrics: Optional[MetricsCallback] = None,
     checkpoint_every: Optional[int] = None,
     fast: bool = True,
     teacher_tail_only: bool = True,
 ) -> dict[str, Any]:
     """Train one round; write ``out/student.pt``, ``out/teacher.pt``, ``out/metrics.json``.
 
-    ``on_metrics(metrics, step)`` after every epoch (step = global step at the end of the epoch), called
-    after the resumable state is saved. ``checkpoint_every``: iterations between mid-epoch states (None:
+    ``checkpoint_every``: iterations between mid-epoch states (None:
     ``$LF2_CHECKPOINT_EVERY`` or 100; 0: only at epoch ends). ``fast=False`` uses the plain reference step
     (same math, slower; for comparisons). ``teacher_tail_only`` (fast step, no fusion loss): run the
     teacher/Fuse forwards only in the last ``training.teacher_tail`` iterations of the round, the only ones
@@ -131,7 +128,7 @@ def finetune(
              f.epochs_per_round, f.iters_per_epoch)
     t_round = time.time()
     train_round(cfg, settings, rnd, ft, start, state, checkpoint_every=checkpoint_every,
-                teacher_tail_only=teacher_tail_only, on_metrics=on_metrics, progress=_bar)
+                teacher_tail_only=teacher_tail_only, progress=_bar)
     E, iters = f.epochs_per_round, f.iters_per_epoch
     final: dict[str, Any] = {
         "round": int(round_index),

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from .. import artifacts, storage
 from ..checkpoint import TrainingState, fingerprint
 from ..config import Config
 from ..errors import DataError
 from ..runtime import DevicePolicy
-from ..training.pretrainer import MetricsCallback, Pretrainer, SourceData, evaluate, lr_factor  # noqa: F401
+from ..training.pretrainer import Pretrainer, SourceData, evaluate, lr_factor  # noqa: F401
 from .table import PRETRAIN
 
 log = logging.getLogger(__name__)
@@ -76,25 +76,16 @@ def _source_data(cfg: Config, data: str) -> SourceData:
                       (split(manifest, "target_query"), split(manifest, "target_gallery")))
 
 
-def pretrain_source(
-    cfg: Config,
-    data: str,
-    out: str,
-    on_metrics: Optional[MetricsCallback] = None,
-) -> dict[str, Any]:
-    """Train the source model; write ``out/model.pt`` and ``out/metrics.json``; return final metrics.
-
-    ``on_metrics(metrics, step)`` is called after every epoch (step = epochs completed) with the loss,
-    learning rate and, on evaluation epochs, source ``mAP``/``R1``..; the resumable state is saved before
-    it is called, so an exception raised there interrupts the run cleanly (used by the resume test).
-    """
+def pretrain_source(cfg: Config, data: str, out: str) -> dict[str, Any]:
+    """Train the source model; write ``out/model.pt`` and ``out/metrics.json`` (per-epoch history: loss
+    terms, learning rate and, on evaluation epochs, source ``mAP``/``R1``..); return final metrics."""
     p = cfg.pretrain
     src = _source_data(cfg, data)
     policy = DevicePolicy.from_config(cfg)
     trainer = Pretrainer(cfg, src, policy)
     state = TrainingState(out, PRETRAIN, _config_key(cfg))
     t0 = time.time()
-    trainer.train(state, on_metrics)
+    trainer.train(state)
     final: dict[str, Any] = {"epochs": p.epochs, "num_source_ids": src.num_classes,
                              "train_seconds": time.time() - t0}
     if trainer.history:
@@ -112,6 +103,4 @@ def pretrain_source(
             "metrics": {k: float(v) for k, v in final.items()}})
         artifacts.write_metrics(tmp, final, trainer.history)
     state.release()
-    if on_metrics is not None:
-        on_metrics({k: float(v) for k, v in final.items() if isinstance(v, (int, float))}, p.epochs)
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}

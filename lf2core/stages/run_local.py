@@ -1,6 +1,6 @@
 """The whole LF2 method in one process: ``lf2 run-local`` (development, demo, benchmark).
 
-``run_local(cfg, out, data=None, source_model=None, on_metrics=None, eval_every=0)`` calls the SAME stage
+``run_local(cfg, out, data=None, source_model=None, eval_every=0)`` calls the SAME stage
 functions as the KFP pipeline, with their outputs under ``out/``::
 
     out/data/                      prepare_data            (skipped when ``data`` is given)
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .. import artifacts, storage
 from ..config import Config, ConfigError
@@ -37,8 +37,6 @@ from ..errors import StorageError
 from .table import CLUSTER, EVALUATE, EXTRACT, FINETUNE, PREPARE, PRETRAIN, stage
 
 log = logging.getLogger(__name__)
-
-MetricsCallback = Callable[[dict[str, float], int], None]
 
 CLUSTER_KEYS = ("num_clusters", "outlier_ratio", "nmi", "ari", "nmi_camera", "pairwise_precision", "pairwise_recall")
 
@@ -93,17 +91,11 @@ def _check_run_config(cfg: Config, out: str, data: str, source_model: str) -> No
 
 
 class _Runner:
-    """Runs stages of the table into ``out``, skipping complete outputs, timing each stage and sending
-    prefixed metrics to ``on_metrics``."""
+    """Runs stages of the table into ``out``, skipping complete outputs and timing each stage."""
 
-    def __init__(self, cfg: Config, on_metrics: Optional[MetricsCallback]) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.emit = on_metrics or (lambda m, s: None)
         self.seconds: dict[str, float] = {}
-
-    def prefixed(self, prefix: str) -> MetricsCallback:
-        return lambda m, s: self.emit({f"{prefix}/{k}": float(v) for k, v in m.items()
-                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}, s)
 
     def run(self, name: str, out: str, *inputs: str, **params: Any) -> str:
         """``out``, after running stage ``name`` into it unless it is complete."""
@@ -124,14 +116,11 @@ class _Runner:
         for name, s in artifacts.read_cluster_stats(labels).items():
             if isinstance(s, dict):
                 entry["cluster"][name] = {k: s[k] for k in CLUSTER_KEYS if k in s}
-                self.prefixed(f"cluster/{name}")(entry["cluster"][name], r + 1)
-        model = self.run(FINETUNE, storage.join(rd, "model"), data, labels, model, round_index=r,
-                         on_metrics=self.prefixed("finetune"))
+        model = self.run(FINETUNE, storage.join(rd, "model"), data, labels, model, round_index=r)
         entry["finetune"] = artifacts.read_final_metrics(model)
         if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
             # report only (target test split), never used for selection
             entry["eval"] = artifacts.read_metrics(self.run(EVALUATE, storage.join(rd, "eval"), data, model))
-            self.prefixed("eval_round")(entry["eval"], r + 1)
         c = entry["cluster"].get("global", {})
         log.info("round %d/%d: %s global clusters, NMI %s", r + 1, n_rounds, c.get("num_clusters"),
                  f"{c['nmi']:.3f}" if "nmi" in c else "n/a")
@@ -143,23 +132,19 @@ def run_local(
     out: str,
     data: Optional[str] = None,
     source_model: Optional[str] = None,
-    on_metrics: Optional[MetricsCallback] = None,
     eval_every: int = 0,
 ) -> dict[str, Any]:
     """prepare -> pretrain -> rounds x (extract -> cluster -> finetune) -> evaluate.
 
-    ``on_metrics(metrics, step)`` receives flat metrics with a stage prefix: ``pretrain/*`` (step = epoch),
-    ``finetune/*`` (step = global iteration), ``cluster/<set>/*`` and ``eval_round/*`` (step = round + 1),
-    ``eval/*`` (step = rounds). Returns ``{"metrics": final eval, "source_only": {...} | None,
+    Returns ``{"metrics": final eval, "source_only": {...} | None,
     "rounds": [{"round", "cluster": {set: stats}, "eval": {...}?, "finetune": {...}}], "seconds": {...}}``.
     """
     _claim_run_dir(out)
-    runner = _Runner(cfg, on_metrics)
+    runner = _Runner(cfg)
     if data is None:
         data = runner.run(PREPARE, storage.join(out, "data"))
     if source_model is None:
-        source_model = runner.run(PRETRAIN, storage.join(out, "pretrain"), data,
-                                  on_metrics=runner.prefixed("pretrain"))
+        source_model = runner.run(PRETRAIN, storage.join(out, "pretrain"), data)
     _check_run_config(cfg, out, data, source_model)
     source_only = None
     if storage.exists(storage.join(source_model, artifacts.METRICS)):
@@ -175,7 +160,6 @@ def run_local(
     metrics = artifacts.read_metrics(runner.run(EVALUATE, ev, data, model))
     if n_rounds > 0 and rounds and eval_every > 0:
         rounds[-1]["eval"] = metrics
-    runner.prefixed("eval")(metrics, n_rounds)
     summary = {"metrics": metrics, "source_only": source_only, "rounds": rounds, "seconds": runner.seconds,
                "model": model, "variant": cfg.finetune.variant, "cluster_method": cfg.cluster.method}
     storage.write_bytes(storage.join(out, artifacts.RUN_SUMMARY),

@@ -27,7 +27,6 @@ from .step import teacher_tail
 
 log = logging.getLogger(__name__)
 
-MetricsCallback = Callable[[dict[str, float], int], None]
 SaveFn = Callable[[int, torch.optim.Optimizer, dict[str, float]], None]
 
 
@@ -153,11 +152,9 @@ def start_round(cfg: Any, settings: StepSettings, rnd: Round, mt_fn: Callable[[]
 
 
 def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, start: _Progress, state: TrainingState,
-                *, checkpoint_every: int, teacher_tail_only: bool, on_metrics: Optional[MetricsCallback] = None,
-                progress: Callable[..., Any]) -> None:
-    """Epochs ``start.epoch..epochs_per_round-1`` of the round (``rnd.history`` gets one row per epoch);
-    ``progress(total=, initial=, desc=)`` makes a progress bar. ``on_metrics(epoch means, global step)``
-    after each epoch, once its state is saved."""
+                *, checkpoint_every: int, teacher_tail_only: bool, progress: Callable[..., Any]) -> None:
+    """Epochs ``start.epoch..epochs_per_round-1`` of the round (``rnd.history`` gets one row per epoch, the
+    state is saved after each); ``progress(total=, initial=, desc=)`` makes a progress bar."""
     from ..data.transforms import train_transform
 
     f = cfg.finetune
@@ -195,5 +192,3 @@ def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, sta
         )
         start = _Progress(start.epoch)
         save(epoch + 1, 0, optimizer, {})
-        if on_metrics is not None:
-            on_metrics(metrics, global_step(rnd.index, epoch + 1, 0, E, iters))

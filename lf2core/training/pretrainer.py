@@ -7,7 +7,7 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,9 +21,6 @@ from ..models import SourceModel
 from ..runtime import DevicePolicy, seed_everything
 
 log = logging.getLogger(__name__)
-
-MetricsCallback = Callable[[dict[str, float], int], None]
-
 
 def lr_factor(epoch: int, warmup_epochs: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
     """WarmupMultiStepLR factor for (0-based) ``epoch``: linear warmup from ``warmup_factor``, then steps."""
@@ -178,9 +175,9 @@ class Pretrainer:
         metrics["epoch_seconds"] = time.time() - te
         return metrics
 
-    def train(self, state: TrainingState, on_metrics: Optional[MetricsCallback] = None) -> None:
+    def train(self, state: TrainingState) -> None:
         """Epochs after the resumed ones: source evaluation every ``eval_every`` epochs and after the last
-        (logged only), the state saved after each epoch, then ``on_metrics(metrics, epochs done)``."""
+        (logged only), the state saved after each epoch."""
         p = self.cfg.pretrain
         start = self.resume(state)
         log.info(
@@ -204,5 +201,3 @@ class Pretrainer:
             )
             state.save(self.model, self.optimizer, self.scheduler, epoch + 1, history=self.history,
                        scaler=self.scaler.state_dict() if self.policy.amp else {})
-            if on_metrics is not None:
-                on_metrics(metrics, epoch + 1)
