@@ -1,4 +1,4 @@
-"""``lf2 pipeline compile | run | submit``.
+"""``lf2 pipeline compile | run | submit``, and the ``lf2`` console script (``lf2_main``).
 
     lf2 pipeline compile --out lf2.yaml [--target local|kubeflow] [--gpus N] [--image IMG] [-c RECIPE] [--rounds N]
     lf2 pipeline run --out runs/p1 [-c RECIPE] [-s key=value ...] [--object-prefix s3://b/p] [--experiment E]
@@ -6,6 +6,10 @@
 
 The number of rounds is unrolled at compile time: it defaults to ``finetune.rounds`` of the recipe after
 the overrides, and the compiled pipeline refuses a config asking for another number.
+
+``lf2_main`` is the ``lf2`` command: the stage commands of ``lf2core.cli`` plus ``lf2 pipeline``, added here
+as an ``lf2core.cli.Command`` -- this package sits above lf2core and may import both; lf2core never
+imports it (nor kfp).
 """
 
 import argparse
@@ -20,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from lf2core import cli as lf2_cli
+from lf2core.cli import Command
 from lf2core.config import load_config
 from lf2core.errors import Lf2Error
 
@@ -45,7 +51,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
+def run_pipeline_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
               run_name: str = "", source_root: str = "", target_root: str = "", resume_run_id: str = "",
               cache: bool = True, image: Optional[str] = None) -> dict[str, Any]:
     """Run the pipeline with ``kfp.local.SubprocessRunner`` in this Python environment.
@@ -105,7 +111,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    res = run_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
+    res = run_pipeline_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
                     experiment=args.experiment or "", run_name=args.run_name or "", source_root=args.source_root or "",
                     target_root=args.target_root or "", resume_run_id=args.resume_run_id or "",
                     cache=not args.no_cache, image=args.image)
@@ -194,10 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """``lf2 pipeline ARGS``."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
+def _add_pipeline_command(sub: Any) -> None:
+    p = sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", add_help=False)
+    p.add_argument("pipeline_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: main(args.pipeline_args))
+
+
+PIPELINE_COMMAND = Command("pipeline", _add_pipeline_command)
+
+
+def lf2_main(argv: Optional[list[str]] = None) -> int:
+    """The ``lf2`` console script: ``lf2core.cli.main`` with the ``pipeline`` command."""
+    return lf2_cli.main(argv, commands=[PIPELINE_COMMAND])
+
+
 if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    sys.exit(lf2_main())
