@@ -99,6 +99,9 @@ def resolve_config(recipe: str, overrides_json: str, source_root: str, target_ro
             f"config asks for {cfg.finetune.rounds}; recompile with `lf2 pipeline compile --rounds "
             f"{cfg.finetune.rounds}` (rounds are unrolled at compile time)"
         )
+    from lf2core import tracking
+
+    tracking.check_reachable(cfg)  # the first task: a dead MLflow fails here, before any training
     return f"{CODE_HEADER}{code_fingerprint()} (lf2 {__version__})\n" + cfg.to_yaml()
 
 

@@ -19,7 +19,6 @@ use: the mean teacher that extract/finetune continue from, the evaluated network
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 from dataclasses import dataclass, field
@@ -287,6 +286,13 @@ class StageModel:
         self.cfg, self.location, self.kind, self.path, self.student_path = cfg, location, kind, path, student
         self._ck: Optional[dict] = None
 
+    def _check_arch(self, ck: dict, path: str) -> None:
+        """The network is built from the checkpoint; a config that names another one is refused, not ignored."""
+        if ck["arch"] != self.cfg.model.arch:
+            raise CheckpointError(f"checkpoint {path}: holds a {ck['arch']} network but config key 'model.arch' is "
+                                  f"{self.cfg.model.arch!r}; use the recipe it was trained with (or --set "
+                                  f"model.arch={ck['arch']})")
+
     @property
     def checkpoint(self) -> dict:
         """The evaluated checkpoint (teacher.pt / model.pt / the given file), read once."""
@@ -300,14 +306,13 @@ class StageModel:
         cfg = self.cfg
         if self.kind == "source":
             ck = load_checkpoint(self.path, kind="source")
-            if ck["arch"] != cfg.model.arch:
-                cfg = copy.deepcopy(cfg)
-                cfg.model.arch = ck["arch"]
+            self._check_arch(ck, self.path)
             return build_target_model(cfg, ck)
         if self.student_path is None:
             raise CheckpointError(f"model {self.location}: a teacher alone; extract/finetune need a pretrain "
                                   f"output ({SOURCE_MODEL}) or a finetune output ({STUDENT} + {TEACHER})")
         s, t = load_checkpoint(self.student_path, kind="lf2"), load_checkpoint(self.path, kind="lf2")
+        self._check_arch(s, self.student_path)
         return load_mean_teacher(
             s["state_dict"], t["state_dict"], s["arch"],
             num_parts=int(s.get("num_parts", cfg.model.num_parts)),
@@ -319,6 +324,7 @@ class StageModel:
         from .models import LF2Model, SourceModel
 
         ck, path, cfg = self.checkpoint, self.path, self.cfg
+        self._check_arch(ck, path)
         state = ck["state_dict"]
         mcfg = (ck.get("config") or {}).get("model", {})
 

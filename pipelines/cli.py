@@ -111,6 +111,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from lf2core import tracking
+
+    tracking.check_reachable(load_config(args.config, args.set))  # before any task starts
     res = run_pipeline_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
                     experiment=args.experiment or "", run_name=args.run_name or "", source_root=args.source_root or "",
                     target_root=args.target_root or "", resume_run_id=args.resume_run_id or "",
@@ -150,10 +153,28 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+PIPELINE_HELP = ("Compile the LF2 pipeline for Kubeflow, run it locally (kfp.local), or submit it to a Kubeflow "
+                 "Pipelines endpoint.")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """The ``lf2 pipeline`` parser (filled into ``parser`` when given: the ``lf2`` command's sub-parser)."""
     from components.stages import DEFAULT_IMAGE
 
-    parser = argparse.ArgumentParser(prog="lf2 pipeline", description=__doc__.split("\n\n")[0])
+    parser = parser or argparse.ArgumentParser(prog="lf2 pipeline", description=PIPELINE_HELP)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     def cfg_args(p: argparse.ArgumentParser) -> None:
@@ -174,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--target", choices=["local", "kubeflow"], default="kubeflow")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per training task (kubeflow target)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds to unroll (default: finetune.rounds)")
-    p.add_argument("--retries", type=int, default=None, help="retries per task (default 2 kubeflow, 0 local)")
+    p.add_argument("--gpus", type=_at_least(0), default=1, help="GPUs per training task (kubeflow target)")
+    p.add_argument("--rounds", type=_at_least(1), default=None, help="rounds to unroll (default: finetune.rounds)")
+    p.add_argument("--retries", type=_at_least(0), default=None, help="retries per task (default 2 kubeflow, 0 local)")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="run the pipeline locally (kfp.local, subprocesses in this venv)")
@@ -192,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=None)
     p.add_argument("--package", default=None, help="compiled YAML (default: compile now for kubeflow)")
     p.add_argument("--kfp-experiment", default="lf2", help="KFP experiment name")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--retries", type=int, default=None)
+    p.add_argument("--gpus", type=_at_least(0), default=1)
+    p.add_argument("--rounds", type=_at_least(1), default=None)
+    p.add_argument("--retries", type=_at_least(0), default=None)
     p.set_defaults(func=_submit)
     return parser
 
@@ -206,9 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _add_pipeline_command(sub: Any) -> None:
-    p = sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", add_help=False)
-    p.add_argument("pipeline_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: main(args.pipeline_args))
+    build_parser(sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", description=PIPELINE_HELP))
 
 
 PIPELINE_COMMAND = Command("pipeline", _add_pipeline_command)

@@ -109,7 +109,7 @@ class _Runner:
     def round(self, out: str, r: int, data: str, model: str, eval_every: int) -> tuple[str, dict[str, Any]]:
         """Round ``r`` (extract -> cluster -> finetune, + evaluate every ``eval_every`` rounds but the
         last): the new model's location and the round's summary entry."""
-        cfg, n_rounds, rd = self.cfg, self.cfg.finetune.rounds, round_dir(out, r)
+        n_rounds, rd = self.cfg.finetune.rounds, round_dir(out, r)
         feats = self.run(EXTRACT, storage.join(rd, "features"), data, model)
         labels = self.run(CLUSTER, storage.join(rd, "labels"), feats, round_index=r)
         entry: dict[str, Any] = {"round": r, "cluster": {}}

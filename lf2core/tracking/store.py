@@ -109,8 +109,12 @@ def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+_reachable: set[str] = set()  # stores checked by configure() in this process
+
+
 def configure(cfg: Any = None, tracking_uri: Optional[str] = None, experiment: Optional[str] = None) -> Optional[str]:
-    """Point mlflow at the tracking store and make sure the experiment exists; returns its id.
+    """Point mlflow at the tracking store (checked with ``check_reachable`` on first use in the process)
+    and make sure the experiment exists; returns its id.
 
     A local store (sqlite/file) keeps artifacts in ``./mlartifacts`` (absolute path fixed when the
     experiment is created); a server keeps its own artifact location (``--artifacts-destination``).
@@ -119,7 +123,12 @@ def configure(cfg: Any = None, tracking_uri: Optional[str] = None, experiment: O
         return None
     import mlflow
 
+    from .server import check_reachable
+
     uri = use(cfg, tracking_uri)
+    if uri not in _reachable:  # once per process and store: a dead server fails here, named, in seconds
+        check_reachable(tracking_uri=uri)
+        _reachable.add(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment or (cfg.tracking.experiment if cfg is not None else "lf2")
     client = mlflow.MlflowClient()
