@@ -1,7 +1,8 @@
 """Images in, normalised tensors out: the serving side of the recipe's test transform.
 
-An image is given as encoded bytes (JPEG, PNG, anything PIL reads) or as a uint8 array H x W x 3 (RGB;
-nested lists of integers in [0, 255] are accepted too, as JSON gives them). ``to_pil`` decodes one into
+An image is given as encoded bytes (JPEG, PNG, anything PIL reads; a base64 string of them, as JSON
+carries bytes) or as a uint8 array H x W x 3 (RGB; nested lists of integers in [0, 255] are accepted too,
+as JSON gives them). ``to_pil`` decodes one into
 a PIL RGB image with the same size limit as the training loaders; ``preprocess`` applies
 ``lf2core.data.transforms.test_transform`` -- the exact transform ``evaluate`` uses -- and stacks a batch.
 Paths are deliberately not accepted here: a served model must not open files named by a client.
@@ -9,6 +10,8 @@ Paths are deliberately not accepted here: a served model must not open files nam
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from typing import Any, Sequence
 
@@ -25,6 +28,12 @@ def to_pil(image: Any, name: str = "image"):
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, str):  # JSON transports bytes as base64 text (MLflow decodes only some layouts)
+        try:
+            image = base64.b64decode(image.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise DataError(f"{name}: a string that is not base64; send encoded image bytes (base64 in JSON) "
+                            f"or a uint8 H x W x 3 array (paths are not accepted)") from None
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:
@@ -40,9 +49,6 @@ def to_pil(image: Any, name: str = "image"):
                             f"JPEG/PNG)") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DataError(f"{name}: cannot decode image bytes ({len(data)} bytes: {e})") from None
-    if isinstance(image, str):
-        raise DataError(f"{name}: got a string; send the encoded image bytes (base64 in JSON) or a uint8 "
-                        f"H x W x 3 array, not a path or text")
     try:
         arr = np.asarray(image)
     except (ValueError, TypeError) as e:

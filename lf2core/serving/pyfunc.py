@@ -7,8 +7,8 @@ bundled as code, so ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` need 
 Input (``predict``): a batch of images, each encoded JPEG/PNG bytes or a uint8 H x W x 3 RGB array, as
 
 - a pandas DataFrame with one column ``image`` (the signature: ``image: binary``; over HTTP the bytes
-  are base64 strings, e.g. ``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}``
-  or ``{"inputs": {"image": ["<base64>", ...]}}``),
+  are base64 strings, ``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`` or
+  ``{"dataframe_records": [{"image": "<base64>"}, ...]}``; MLflow decodes them by the signature),
 - a dict ``{"image": [...]}``, a list of images, or a uint8 array ``[N, H, W, 3]``.
 
 Output: float32 ``[N, D]``, the L2-normalised, flip-averaged embedding ``evaluate`` measures (squared
