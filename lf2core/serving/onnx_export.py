@@ -195,9 +195,13 @@ def export_model(cfg: Optional[Config], model: str, data: str, out: str, opset: 
             "flip": bool(emb.module.flip), "export_seconds": round(secs, 3), "data": str(data),
         }
         report.update(parity(emb, onnx_emb, query, gallery, batch_size, fixed_images, workers))
-        (Path(tmp) / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        target = None
         if log_to_registry and str(model).startswith("models:/") and tracking.enabled():
-            name, version = tracking.resolve_model_uri(str(model))
+            target = tracking.resolve_model_uri(str(model))
+            report["registered_version"] = "/".join(target)
+        (Path(tmp) / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        if target is not None:
+            name, version = target
             s = report["test_split"]
             report["logged_to"] = tracking.log_version_report(
                 name, version, {"model.onnx": str(path), "parity.json": str(Path(tmp) / "parity.json")},
@@ -207,7 +211,6 @@ def export_model(cfg: Optional[Config], model: str, data: str, out: str, opset: 
                  "lf2.onnx.min_cosine": f"{min(report['fixed_set']['min_cosine'], s['min_cosine']):.8f}",
                  "lf2.onnx.mAP_diff_points": f"{s['mAP_diff_points']:.4f}"},
                 location_tag="lf2.onnx.artifacts")
-            report["registered_version"] = f"{name}/{version}"
     return report
 
 
