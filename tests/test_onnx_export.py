@@ -146,3 +146,19 @@ def test_failed_parity_is_recorded_and_blocks_promotion(world, monkeypatch: pyte
     tags = client.get_model_version(world.name, version).tags
     assert tags["lf2.promoted_to_champion"] == "forced" and tags["lf2.forced_over"] == "lf2.onnx.parity=failed"
     assert tracking.describe_aliases(world.name)["champion"] == version
+
+
+def test_search_with_onnx_file_and_registered_model(world, exported: Path, tmp_path: Path) -> None:
+    from lf2core.serving.search import search
+
+    q = [world.query[0].path, world.query[2].path]
+    runs = {m: search(m, world.data, q, 5, split="target_gallery", png=None, cache_dir=str(tmp_path))
+            for m in (world.model, str(exported / "model.onnx"), world.registered)}
+    base = runs[world.model]["results"]
+    for m, res in runs.items():
+        for a, b in zip(base, res["results"]):
+            assert [x["gallery"] for x in a["matches"]] == [x["gallery"] for x in b["matches"]], m
+            np.testing.assert_allclose([x["distance"] for x in a["matches"]], [x["distance"] for x in b["matches"]],
+                                       atol=1e-5)
+    # the registered pyfunc holds the same weights and preprocessing as the stage output: same cache entry
+    assert runs[world.registered]["cache_hit"] and not runs[str(exported / "model.onnx")]["cache_hit"]
