@@ -171,6 +171,12 @@ def _add_cfg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_optional_cfg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None,
+                   help="recipe for a stage output's sizes and flip (default: the checkpoint's own config)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lf2", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -263,8 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = ("models:/NAME/VERSION | models:/NAME@ALIAS (registered), a finetune/pretrain output or "
                   "checkpoint (sizes from --config/--set, else the checkpoint's own config)")
     p = sub.add_parser("export", help="export a model to ONNX and prove it ranks like PyTorch (parity gate)")
-    p.add_argument("--config", "-c", default=None, help="recipe for a stage output's sizes (default: its own)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    _add_optional_cfg(p)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--data", required=True, help="prepare-data output: its target query/gallery is the parity set")
@@ -275,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("search", help="top-k gallery images of query images, with distances and a rank-list PNG")
-    p.add_argument("--config", "-c", default=None, help="recipe for a stage output's sizes (default: its own)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    _add_optional_cfg(p)
     p.add_argument("--model", required=True, help=model_help + ", or an .onnx file from `lf2 export`")
     p.add_argument("--gallery", required=True, help="image folder, s3:// prefix, or with --split a prepare-data "
                                                     "output / dataset root")

@@ -384,43 +384,6 @@ def _active_run_id() -> Optional[str]:
 
 
 # ============================================================================================ registry
-def log_and_register_model(
-    model: Any,
-    input_example: Any,
-    *,
-    cfg: Any,
-    run_id: Optional[str] = None,
-    tags: Optional[Mapping[str, Any]] = None,
-    alias: str = CANDIDATE_ALIAS,
-    code_paths: Optional[list[str]] = None,
-    pip_requirements: Optional[list[str]] = None,
-) -> Optional[dict[str, Any]]:
-    """Log ``model`` (torch ``nn.Module`` in eval mode) as an MLflow PyTorch model with a signature
-    inferred from ``input_example`` (numpy float32 [1, 3, H, W]) -> output [1, D]; register it as
-    ``cfg.tracking.registered_model``; tag the version and point ``alias`` at it.
-
-    Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when tracking is off.
-    """
-    if not enabled():
-        return None
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        output = model(torch.as_tensor(input_example)).detach().cpu().numpy()
-    signature = infer_signature(input_example, output)
-
-    def log(name: str) -> Any:
-        return mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=input_example,
-            registered_model_name=name, code_paths=code_paths, pip_requirements=pip_requirements,
-            serialization_format="pickle",  # torch.export (pt2) would specialise the batch size
-        )
-
-    return _log_and_register(log, cfg, run_id, tags, alias)
-
-
 def log_and_register_pyfunc(
     loader_module: str,
     data_path: str,
@@ -436,7 +399,9 @@ def log_and_register_pyfunc(
 ) -> Optional[dict[str, Any]]:
     """Log an image-in pyfunc (``loader_module`` + ``data_path``, the lf2 serving model) with the
     signature ``image: binary`` -> float32 ``[-1, output_dim]`` and ``input_images`` (encoded images) as
-    input example; register, tag and alias it as ``log_and_register_model`` does."""
+    input example; register it as ``cfg.tracking.registered_model``, tag the version with ``tags`` and
+    point ``alias`` at it. Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when
+    tracking is off."""
     if not enabled():
         return None
     import mlflow.pyfunc
@@ -702,4 +667,4 @@ def describe_aliases(model_name: str = "lf2-reid", tracking_uri: Optional[str] =
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
 
-register_model = log_and_register_model  # the name used in docs/internal-api.md
+register_model = log_and_register_pyfunc  # the name used in docs/internal-api.md

@@ -68,6 +68,19 @@ def build(root: Path, seed: int = 1) -> World:
                  json.loads((ev / "metrics.json").read_text()))
 
 
+def local_registry(root: Path):
+    """A MonkeyPatch pointing MLflow (sqlite store + artifacts) and the lf2 cache into ``root``; undo it."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("LF2_MLFLOW_ARTIFACTS", str(root / "mlartifacts"))
+    mp.setenv("LF2_CACHE_DIR", str(root / "cache"))
+    mp.setenv("LF2_PROGRESS", "0")
+    mp.delenv("LF2_TRACKING", raising=False)
+    return mp
+
+
 def register_champion(world: World, name: str) -> str:
     """Register the world's teacher in the current tracking store as ``name`` and promote it."""
     from lf2core import tracking

@@ -27,12 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("onnx")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("LF2_MLFLOW_ARTIFACTS", str(root / "mlartifacts"))
-    mp.setenv("LF2_CACHE_DIR", str(root / "cache"))
-    mp.setenv("LF2_PROGRESS", "0")
-    mp.delenv("LF2_TRACKING", raising=False)
+    mp = serving_world.local_registry(root)
     w = serving_world.build(root)
     w.name = f"lf2-reid-onnx-{uuid.uuid4().hex[:6]}"
     serving_world.register_champion(w, w.name)

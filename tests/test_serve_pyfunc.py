@@ -32,11 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("LF2_MLFLOW_ARTIFACTS", str(root / "mlartifacts"))
-    mp.setenv("LF2_CACHE_DIR", str(root / "cache"))
-    mp.delenv("LF2_TRACKING", raising=False)
+    mp = serving_world.local_registry(root)
     w = serving_world.build(root)
     serving_world.register_champion(w, f"lf2-reid-serve-{uuid.uuid4().hex[:6]}")
     yield w

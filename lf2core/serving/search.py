@@ -87,12 +87,15 @@ def resolve_queries(queries: Sequence[str]) -> list[str]:
     """Local paths of the query images; DataError naming a missing one."""
     out = []
     for q in queries:
-        try:
-            p = Path(storage.local_path(str(q)))
-        except Lf2Error as e:
-            raise DataError(f"query {q}: {e}") from None
+        if storage.is_remote(str(q)):
+            try:
+                p = Path(storage.local_path(str(q)))
+            except Lf2Error as e:
+                raise DataError(f"query {e}") from None
+        else:
+            p = Path(str(q))
         if not p.is_file():
-            raise DataError(f"query {q}: not a file")
+            raise DataError(f"query {q}: {'not a file' if p.exists() else 'no such file'}")
         out.append(str(p))
     if not out:
         raise DataError("no query images given")
