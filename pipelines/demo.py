@@ -62,7 +62,7 @@ def _count_objects(bucket: str) -> tuple[int, int]:
 def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Optional[list[str]] = None,
              cache: bool = True) -> dict[str, Any]:
     from lf2core import tracking
-    from pipelines.cli import run_local
+    from pipelines.cli import run_pipeline_local
 
     t0 = time.time()
     outp = Path(out).resolve()
@@ -82,7 +82,7 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
             os.environ["LF2_MLFLOW_ARTIFACTS"] = str(Path("mlartifacts").resolve())
             object_prefix = ""
         print(f"running the lf2-uda pipeline locally (kfp.local), recipe {recipe} {' '.join(overrides)}", flush=True)
-        res = run_local(recipe, overrides, str(outp), object_prefix=object_prefix, experiment="lf2-demo",
+        res = run_pipeline_local(recipe, overrides, str(outp), object_prefix=object_prefix, experiment="lf2-demo",
                         run_name=f"demo{'-s3' if use_s3 else ''}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache)
         decision = tracking.promote(version=res["version"] or None, alias="champion",
                                     tracking_uri=os.environ["MLFLOW_TRACKING_URI"])

@@ -1,6 +1,6 @@
 """A tiny world for the serving / export / search tests: synthetic target data (prepare-data output), a
 teacher checkpoint (finetune-output layout, seeded random weights), its evaluate output, and the
-reference embeddings computed the way ``evaluate`` computes them (``load_eval_network`` +
+reference embeddings computed the way ``evaluate`` computes them (``artifacts.read_model(..).eval_network`` +
 ``test_loader`` + ``features.extract`` with flip) -- independent of lf2core.serving."""
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def evaluated_features(cfg, model: str, samples: list) -> np.ndarray:
     from lf2core.data.loaders import test_loader
     from lf2core.data.transforms import test_transform
     from lf2core.features import extract
-    from lf2core.stages.evaluate import load_eval_network
+    from lf2core.artifacts import read_model
 
-    net, fn, _ = load_eval_network(cfg, model)
+    net, fn, _ = read_model(cfg, model).eval_network()
     loader = test_loader(samples, test_transform(cfg.data.height, cfg.data.width), 64, 0)
     return extract(fn, loader, "cpu", flip=True, amp=False)["features"]
 
@@ -48,7 +48,7 @@ def evaluated_features(cfg, model: str, samples: list) -> np.ndarray:
 def build(root: Path, seed: int = 1) -> World:
     from lf2core.checkpoint import save_checkpoint
     from lf2core.config import load_config
-    from lf2core.data.manifest import read_manifest, split
+    from lf2core.artifacts import read_split
     from lf2core.models.lf2 import LF2Model
     from lf2core.stages.evaluate import evaluate
     from lf2core.stages.prepare import prepare_data
@@ -61,8 +61,7 @@ def build(root: Path, seed: int = 1) -> World:
     model.mkdir(parents=True)
     save_checkpoint(str(model / "teacher.pt"), net, "lf2", cfg)
     evaluate(cfg, str(data), str(model), str(ev))
-    m = read_manifest(str(data))
-    query, gallery = split(m, "target_query"), split(m, "target_gallery")
+    query, gallery = read_split(str(data), "target_query"), read_split(str(data), "target_gallery")
     return World(root, cfg, str(data), str(model), str(ev), query, gallery,
                  evaluated_features(cfg, str(model), query), evaluated_features(cfg, str(model), gallery),
                  json.loads((ev / "metrics.json").read_text()))

@@ -90,3 +90,22 @@ def test_pickle_payloads_are_refused_naming_the_file(tmp_path: Path, capsys: pyt
     with pytest.raises(DataError, match=rf"{feats}: not a valid .npz file"):
         storage.read_npz(str(feats), "features")
     assert "payload ran" not in capsys.readouterr().out
+
+
+def test_config_arch_differing_from_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    from lf2core import artifacts
+    from lf2core.checkpoint import save_checkpoint
+    from lf2core.config import load_config
+    from lf2core.errors import CheckpointError
+    from lf2core.models import SourceModel
+
+    tiny = ["data.height=32", "data.width=16", "model.weights=none"]
+    cfg = load_config("demo", tiny + ["model.arch=resnet18_narrow"])
+    (tmp_path / "pre").mkdir()
+    save_checkpoint(str(tmp_path / "pre" / "model.pt"), SourceModel("resnet18_narrow", num_classes=3), "source", cfg)
+    assert artifacts.read_model(cfg, str(tmp_path / "pre")).eval_network()[2]["arch"] == "resnet18_narrow"
+    other = load_config("demo", tiny + ["model.arch=resnet18"])
+    for view in ("eval_network", "mean_teacher"):
+        with pytest.raises(CheckpointError, match=r"model.pt: holds a resnet18_narrow network but config key "
+                                                  r"'model.arch' is 'resnet18'"):
+            getattr(artifacts.read_model(other, str(tmp_path / "pre")), view)()

@@ -17,7 +17,7 @@ import pytest
 import serving_world
 from lf2core import tracking
 from lf2core.cli import main
-from lf2core.features import rank_metrics
+from lf2core.evaluation import evaluate_features
 from lf2core.serving import onnx_export
 from lf2core.serving.embedder import OnnxEmbedder
 
@@ -70,7 +70,7 @@ def test_export_onnx_file_valid_dynamic_and_equal_to_evaluated(world, exported: 
     g = emb.embed_files([s.path for s in world.gallery], batch_size=64)
     np.testing.assert_allclose(q, world.q_ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(g, world.g_ref, atol=1e-5, rtol=0)
-    m = rank_metrics(q, g, np.array([s.pid for s in world.query]), np.array([s.pid for s in world.gallery]),
+    m = evaluate_features(q, g, np.array([s.pid for s in world.query]), np.array([s.pid for s in world.gallery]),
                      np.array([s.camid for s in world.query]), np.array([s.camid for s in world.gallery]))
     assert abs(m["mAP"] - world.evaluated["mAP"]) * 100 <= 0.1 and abs(m["R1"] - world.evaluated["R1"]) * 100 <= 0.1
 

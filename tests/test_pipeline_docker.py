@@ -49,7 +49,7 @@ def test_build_plan_and_context() -> None:
     assert [(i["variant"], i["image"]) for i in items] == [("cpu", "reg.example/lf2:t1"), ("gpu", "reg.example/lf2:t1-gpu")]
     for item in items:
         files = set(item["context_files"])
-        needed = {"pyproject.toml", "README.md", "lf2core/__init__.py", "lf2core/storage.py", "components/stages.py",
+        needed = {"pyproject.toml", "README.md", "lf2core/__init__.py", "lf2core/storage/__init__.py", "components/stages.py",
                   "pipelines/lf2_uda.py", "lf2core/configs/demo.yaml", item["dockerfile"]}
         assert needed <= files
         assert not any(f.startswith((".venv", ".git/", "tests/", "runs/")) or "__pycache__" in f for f in files)

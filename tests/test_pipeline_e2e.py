@@ -14,7 +14,7 @@ import pytest
 from lf2core import storage, tracking
 from lf2core.config import load_config
 from lf2core.stages.register import register
-from pipelines.cli import run_local
+from pipelines.cli import run_pipeline_local
 
 TINY = [
     "data.synth.ids=8", "data.synth.test_ids=6", "data.synth.height=64", "data.synth.width=32",
@@ -48,7 +48,7 @@ def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: st
     name = f"lf2-reid-e2e-{uuid.uuid4().hex[:6]}"
     overrides = TINY + [f"tracking.registered_model={name}"]
     prefix = f"s3://{s3_env}/runs"
-    res = run_local("demo", overrides, str(tmp_path / "p"), object_prefix=prefix, experiment="e2e",
+    res = run_pipeline_local("demo", overrides, str(tmp_path / "p"), object_prefix=prefix, experiment="e2e",
                     run_name="e2e", cache=False)
 
     # --- stage outputs are in the bucket, each committed with _COMPLETE last

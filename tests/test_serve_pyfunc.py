@@ -21,7 +21,7 @@ from PIL import Image
 
 import serving_world
 from lf2core import tracking
-from lf2core.features import rank_metrics
+from lf2core.evaluation import evaluate_features
 from lf2core.serving.embedder import find_model_dir
 from lf2core.serving.pyfunc import _load_pyfunc
 from pipelines.local_servers import model_server
@@ -127,7 +127,7 @@ def test_serve_champion_with_mlflow_models_serve(world) -> None:
             chunks.append(np.asarray(body["predictions"], dtype=np.float32))
         served_g = np.concatenate(chunks)
         np.testing.assert_allclose(served_g, world.g_ref, atol=1e-5, rtol=0)
-        m = rank_metrics(served_q, served_g, np.array([s.pid for s in world.query]),
+        m = evaluate_features(served_q, served_g, np.array([s.pid for s in world.query]),
                          np.array([s.pid for s in world.gallery]), np.array([s.camid for s in world.query]),
                          np.array([s.camid for s in world.gallery]))
         assert m["mAP"] == pytest.approx(world.evaluated["mAP"], abs=1e-6)

@@ -112,8 +112,8 @@ def test_s3_output_dir_atomic_commit(s3_env: str) -> None:
 
 
 def test_s3_multipart_upload(s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage.s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage.s3, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
     data = os.urandom(11 * 1024 * 1024)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
@@ -152,8 +152,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch):
     """A client with botocore retries off, so only lf2's own backoff loop is exercised."""
     client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y",
                           endpoint_url="http://127.0.0.1:9", config=BotoConfig(retries={"max_attempts": 1}))
-    monkeypatch.setattr(storage, "_s3", lambda: client)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage.s3, "_s3", lambda: client)
+    monkeypatch.setattr(storage.s3.time, "sleep", lambda s: None)
     with Stubber(client) as stub:
         yield stub
         stub.assert_no_pending_responses()
@@ -184,14 +184,14 @@ def test_retries_give_up_with_clear_error(stubbed: Stubber, monkeypatch: pytest.
 
 def test_s3_failed_upload_leaves_no_complete_marker(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"s3://{s3_env}/runs/r2/finetune"
-    real = storage.upload_file
+    real = storage.outputs.upload_file
 
     def flaky(path, dest):  # one of 20 files cannot be uploaded
         if str(dest).endswith("f07.bin"):
             raise StorageError(f"{dest}: access denied (AccessDenied)")
         real(path, dest)
 
-    monkeypatch.setattr(storage, "upload_file", flaky)
+    monkeypatch.setattr(storage.outputs, "upload_file", flaky)
     with pytest.raises(StorageError, match=r"f07\.bin: access denied"):
         with storage.output_dir(uri, "test-stage") as d:
             for i in range(20):
@@ -219,7 +219,7 @@ def test_failed_local_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
         def write(self, data: bytes) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "fdopen", FullDisk)
+    monkeypatch.setattr(storage.local.os, "fdopen", FullDisk)
     with pytest.raises(OSError, match="No space left"):
         storage.write_bytes(str(tmp_path / "run.partial" / "state.pt"), b"x" * 100)
     assert list(tmp_path.iterdir()) == []

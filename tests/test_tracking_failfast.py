@@ -91,3 +91,28 @@ def test_http_limits_bounded_unless_user_set(monkeypatch: pytest.MonkeyPatch) ->
 
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"  # the user's choice is kept
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+def test_pipeline_run_against_dead_mlflow_fails_before_any_task(tmp_path: Path) -> None:
+    with closed_port() as url:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--out", str(tmp_path / "p")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env={**__import__("os").environ, "MLFLOW_TRACKING_URI": url})
+        took = time.monotonic() - t0
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"lf2: error: MLflow tracking server {url}: unreachable")
+    assert not (tmp_path / "p").exists() and took < 60  # no task ran: no pipeline root, no pretraining
+
+
+def test_pipeline_cli_help_and_bad_numbers() -> None:
+    from pipelines.cli import lf2_main
+
+    with pytest.raises(SystemExit) as e:
+        lf2_main(["pipeline", "--help"])
+    assert e.value.code == 0
+    for argv, message in ((["compile", "--out", "x.yaml", "--rounds", "-1"], "argument --rounds: must be >= 1, got -1"),
+                          (["compile", "--out", "x.yaml", "--gpus", "-2"], "argument --gpus: must be >= 0, got -2")):
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", *argv], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -62,15 +62,29 @@ class EmbeddingModule(torch.nn.Module):
         return F.normalize(y, dim=1)
 
 
-def load_network(model: str, cfg: Optional[Config] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The evaluated network of a stage output / checkpoint (CPU, eval mode) + its info.
+def load_network(model: str, cfg: Optional[Config] = None) -> tuple[torch.nn.Module, dict[str, Any], Config]:
+    """The evaluated network of a stage output / checkpoint (CPU, eval mode), its info, and the config
+    used (``cfg``, or the checkpoint's own stored config when None).
 
-    The one place lf2.serving turns a stage output into a network (repoint here when the loader moves)."""
-    from ..stages.evaluate import load_eval_network
+    The one place lf2.serving turns a stage output into a network (``lf2core.artifacts.read_model``)."""
+    from .. import artifacts
     from ..stages.register import EvalFeatureModel
 
-    net, _, info = load_eval_network(cfg or Config(), model)
-    return EvalFeatureModel(net.cpu(), info["variant"]).eval(), info
+    stage_model = artifacts.read_model(cfg or Config(), model)
+    if cfg is None:
+        cfg = _stored_config(stage_model.checkpoint, stage_model.path)
+        stage_model.cfg = cfg
+    net, _, info = stage_model.eval_network()
+    return EvalFeatureModel(net.cpu(), info["variant"]).eval(), info, cfg
+
+
+def _stored_config(ck: dict[str, Any], path: str) -> Config:
+    """A checkpoint's own config (its training recipe); the defaults with its architecture if unreadable."""
+    try:
+        return config_from_dict(ck.get("config") or {"model": {"arch": ck["arch"]}})
+    except Exception:  # an older or foreign config
+        log.warning("checkpoint %s: stored config not readable, using defaults", path)
+        return config_from_dict({"model": {"arch": ck["arch"]}})
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -170,9 +184,7 @@ class OnnxEmbedder(Embedder):
 # ============================================================================ stage output / pyfunc data
 def torch_embedder(model: str, cfg: Optional[Config] = None) -> TorchEmbedder:
     """A stage output or checkpoint, preprocessing from ``cfg`` (default: the checkpoint's own config)."""
-    net, info = load_network(model, cfg)
-    if cfg is None:
-        cfg = _checkpoint_config(info["checkpoint"])
+    net, info, cfg = load_network(model, cfg)
     h, w, flip = cfg.data.height, cfg.data.width, cfg.eval.flip
     digest = sha256_bytes(storage.read_bytes(info["checkpoint"]))
     meta = serving_meta(cfg, info, digest)
@@ -180,17 +192,6 @@ def torch_embedder(model: str, cfg: Optional[Config] = None) -> TorchEmbedder:
                         _fingerprint("torch", digest, h, w, flip, info["variant"]), str(model), meta)
     emb.checkpoint = info["checkpoint"]
     return emb
-
-
-def _checkpoint_config(path: str) -> Config:
-    from ..checkpoint import load_checkpoint
-
-    stored = load_checkpoint(path).get("config") or {}
-    try:
-        return config_from_dict(stored)
-    except Exception:  # an older or foreign config: the defaults, with its sizes where readable
-        log.warning("checkpoint %s: stored config not readable, using defaults", path)
-        return Config()
 
 
 def serving_meta(cfg: Config, info: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
@@ -227,7 +228,7 @@ def load_model_dir(path: str | Path) -> TorchEmbedder:
     cfg = config_from_dict({"model": meta.get("model_config", {}),
                             "data": {"height": meta["height"], "width": meta["width"]},
                             "eval": {"flip": meta["flip"]}})
-    net, info = load_network(str(p / CHECKPOINT_FILE), cfg)
+    net, info, _ = load_network(str(p / CHECKPOINT_FILE), cfg)
     fp = _fingerprint("torch", meta["checkpoint_sha256"], meta["height"], meta["width"], meta["flip"],
                       info["variant"])
     return TorchEmbedder(EmbeddingModule(net, meta["flip"]), meta["height"], meta["width"], fp, str(p), meta)

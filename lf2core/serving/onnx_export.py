@@ -19,7 +19,7 @@ Parity (onnxruntime CPU vs PyTorch eager, same preprocessed batches):
    and a batch of the rest (both sizes through the dynamic axis): max |difference| and min cosine;
    it fails if any element is outside ``|onnx - torch| <= ATOL + RTOL * |torch|``;
 2. the whole target test split: the same element check, and mAP / Rank-1 recomputed from the ONNX
-   embeddings (``lf2core.features.rank_metrics``) must equal PyTorch's within ``METRIC_POINTS``
+   embeddings (``lf2core.evaluation.evaluate_features``) must equal PyTorch's within ``METRIC_POINTS``
    (percentage points).
 
 Outputs: ``out/model.onnx`` and ``out/parity.json`` (written whatever the verdict), the verdict also as
@@ -121,7 +121,8 @@ def parity(torch_emb: TorchEmbedder, onnx_emb: OnnxEmbedder, query: list, galler
 
     from ..data.loaders import test_loader
     from ..data.transforms import test_transform
-    from ..features import progress_enabled, rank_metrics
+    from ..evaluation import evaluate_features
+    from ..features import progress_enabled
 
     tf = test_transform(torch_emb.height, torch_emb.width)
     fixed = (list(query) + list(gallery))[:max(2, int(fixed_images))]
@@ -140,7 +141,7 @@ def parity(torch_emb: TorchEmbedder, onnx_emb: OnnxEmbedder, query: list, galler
         feats["torch"][name], feats["onnx"][name] = np.concatenate(t_chunks), np.concatenate(o_chunks)
     q_pids = np.array([s.pid for s in query]); g_pids = np.array([s.pid for s in gallery])
     q_cams = np.array([s.camid for s in query]); g_cams = np.array([s.camid for s in gallery])
-    metrics = {k: rank_metrics(f["query"], f["gallery"], q_pids, g_pids, q_cams, g_cams) for k, f in feats.items()}
+    metrics = {k: evaluate_features(f["query"], f["gallery"], q_pids, g_pids, q_cams, g_cams) for k, f in feats.items()}
     split_cmp = compare(np.concatenate([feats["torch"]["query"], feats["torch"]["gallery"]]),
                         np.concatenate([feats["onnx"]["query"], feats["onnx"]["gallery"]]))
     split_cmp.update({
@@ -170,10 +171,9 @@ def export_model(cfg: Optional[Config], model: str, data: str, out: str, opset: 
     import onnxruntime
 
     from .. import tracking
-    from ..data.manifest import read_manifest, split
+    from .. import artifacts
 
-    manifest = read_manifest(data)
-    query, gallery = split(manifest, "target_query"), split(manifest, "target_gallery")
+    query, gallery = artifacts.read_split(data, "target_query"), artifacts.read_split(data, "target_gallery")
     if not query or not gallery:
         raise DataError(f"{data}: the target query/gallery split is empty ({len(query)} / {len(gallery)} images)")
     emb = load_embedder(model, cfg)

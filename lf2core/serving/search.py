@@ -51,10 +51,9 @@ def resolve_gallery(spec: str, split: Optional[str] = None) -> tuple[list[str], 
     spec = str(spec)
     if split:
         if spec.rstrip("/").endswith(".json") or storage.exists(storage.join(spec, "manifest.json")):
-            from ..data.manifest import read_manifest
-            from ..data.manifest import split as split_of
+            from .. import artifacts
 
-            local = [s.path for s in split_of(read_manifest(spec), split)]
+            local = [s.path for s in artifacts.read_split(spec, split)]
         else:
             from ..data.datasets import detect_format, load
             from ..data.datasets.loading import localise

@@ -29,11 +29,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import storage
+from .. import artifacts, storage
 from ..config import Config
 from ..data import datasets
-from ..data.manifest import SIDES, write_manifest
+from ..data.manifest import SIDES
 from ..errors import DataError, StorageError
+from .table import PREPARE, SYNTHETIC_DATA
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _synthetic_at_root(side: str, root: str, params: dict[str, Any]) -> tuple[da
             f"config key 'data.{side}.root': {root} is not empty and holds no lf2 synthetic data "
             f"({SYNTH_MARKER}); refusing to overwrite it - use an empty or new directory, or root \"\""
         )
-    with storage.output_dir(root, "synthetic-data") as tmp:
+    with storage.output_dir(root, SYNTHETIC_DATA) as tmp:
         _generate(params, Path(tmp))
     return datasets.load("market1501", root), True
 
@@ -123,7 +124,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
     if cfg.data.cache_dir:
         storage.set_cache_dir(cfg.data.cache_dir)
     metrics: dict[str, Any] = {}
-    with storage.output_dir(str(out), "prepare-data") as tmp:
+    with storage.output_dir(str(out), PREPARE) as tmp:
         tmp = Path(tmp)
         loaded: dict[str, datasets.Splits] = {}
         for side in SIDES:
@@ -153,7 +154,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
                 metrics[f"{side}_{split}_cameras"] = st["cameras"]
                 if "unlabelled" in st:
                     metrics[f"{side}_{split}_unlabelled"] = st["unlabelled"]
-        write_manifest(tmp, loaded["source"], loaded["target"])
-        (tmp / "stats.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        artifacts.write_manifest(tmp, loaded["source"], loaded["target"])
+        artifacts.write_json(tmp / artifacts.DATA_STATS, metrics, indent=1)
     log.info("prepare-data: manifest written to %s", out)
     return metrics
