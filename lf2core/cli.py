@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .errors import Lf2Error
 from .stages.table import STAGES, SYNTHETIC_DATA, Stage
 
@@ -97,6 +97,27 @@ def _promote(args: argparse.Namespace) -> int:
                         model_name=args.model_name, tracking_uri=args.tracking_uri)
 
 
+def _optional_cfg(args: argparse.Namespace) -> Optional[Config]:
+    """The config only when given (--config/--set); else None: the model's own stored settings apply."""
+    return args.cfg if (args.config or args.set) else None
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .serving.onnx_export import export_main
+
+    _claim_out(args, "export-onnx")
+    return export_main(_optional_cfg(args), args.model, args.data, args.out, fmt=args.format, opset=args.opset,
+                       fixed_images=args.fixed_images)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .serving.search import search_main
+
+    return search_main(args.model, args.gallery, args.query, top_k=args.top_k, split=args.split,
+                       png=args.png or None, cfg=_optional_cfg(args), cache_dir=args.cache_dir,
+                       batch_size=args.batch_size, json_out=args.json)
+
+
 def _run_local(args: argparse.Namespace) -> int:
     from .stages.run_local import run_local
 
@@ -168,6 +189,46 @@ def _add_promote(sub: Any) -> None:
     p.set_defaults(func=_promote)
 
 
+def _add_optional_cfg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None,
+                   help="recipe for a stage output's sizes and flip (default: the checkpoint's own config)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+
+
+MODEL_HELP = ("models:/NAME/VERSION | models:/NAME@ALIAS (registered), a finetune/pretrain output or checkpoint "
+              "(sizes from --config/--set, else the checkpoint's own config)")
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX and prove it ranks like PyTorch (parity gate)")
+    _add_optional_cfg(p)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, help="prepare-data output: its target query/gallery is the parity set")
+    p.add_argument("--out", required=True, help="writes model.onnx and parity.json there")
+    _add_overwrite(p)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--fixed-images", type=int, default=32, help="size of the fixed parity image set (default 32)")
+    p.set_defaults(func=_export)
+
+
+def _add_search(sub: Any) -> None:
+    p = sub.add_parser("search", help="top-k gallery images of query images, with distances and a rank-list PNG")
+    _add_optional_cfg(p)
+    p.add_argument("--model", required=True, help=MODEL_HELP + ", or an .onnx file from `lf2 export`")
+    p.add_argument("--gallery", required=True, help="image folder, s3:// prefix, or with --split a prepare-data "
+                                                    "output / dataset root")
+    p.add_argument("--split", default=None, help="target_gallery, source_query ... (prepare-data output) or "
+                                                 "gallery, query, train (dataset root)")
+    p.add_argument("--query", "-q", nargs="+", required=True, help="query image file(s), local or s3://")
+    p.add_argument("--top-k", "-k", type=int, default=10)
+    p.add_argument("--png", default="search_ranklist.png", help="rank-list PNG (default search_ranklist.png; '' = none)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--cache-dir", default=None, help="gallery embedding cache (default: <lf2 cache>/embeddings)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_search)
+
+
 def _add_run_local(sub: Any) -> None:
     p = sub.add_parser("run-local", help="the whole method in one process (prepare .. evaluate)")
     _add_cfg(p)
@@ -191,6 +252,8 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     for stage in STAGES:
         _add_stage(sub, stage)
     _add_promote(sub)
+    _add_export(sub)
+    _add_search(sub)
     _add_run_local(sub)
     for cmd in commands:
         cmd.add(sub)

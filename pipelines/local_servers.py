@@ -1,5 +1,6 @@
-"""Local stand-ins for the production services, on 127.0.0.1: a moto S3 server and an ``mlflow server``
-whose artifacts are proxied to that S3. Used by ``make demo-s3`` and the integration tests.
+"""Local stand-ins for the production services, on 127.0.0.1: a moto S3 server, an ``mlflow server``
+whose artifacts are proxied to that S3, and ``mlflow models serve`` for a registered model. Used by
+``make demo-s3``, bench/serving.py and the integration tests.
 
     with moto_s3_server() as s3_url, mlflow_server(workdir, "s3://mlflow/artifacts", s3_env(s3_url)) as url:
         ...
@@ -116,3 +117,43 @@ def mlflow_server(workdir: Path, artifacts_destination: str, env: Optional[dict[
         yield url
     finally:
         _stop(proc)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, workdir: Path, env: Optional[dict[str, str]] = None, timeout: float = 240,
+                 workers: int = 1) -> Iterator[str]:
+    """``mlflow models serve -m MODEL_URI --env-manager local`` on 127.0.0.1 at a free port (the tracking
+    store from ``env`` / the environment); yields its URL once ``/ping`` answers; stops it on exit."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = workdir / "model-server.log"
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    # the server execs `uvicorn` by name: this interpreter's bin/ goes first on PATH
+    full_env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **(env or {})}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=workdir,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url + "/ping", proc, timeout, log)
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session together with the workers it spawned."""
+    import signal
+
+    try:  # the group too when the parent already exited: its uvicorn workers may still run
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

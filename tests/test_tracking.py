@@ -99,13 +99,21 @@ def test_register_and_promotion_gate_on_server(mlflow_server: str, s3_env: str, 
     mv = client.get_model_version(name, "1")
     assert mv.run_id == run_id and mv.tags["metric.mAP"] == "0.4" and mv.tags["lf2.recipe"] == "demo"
     assert client.get_run(run_id).info.status == "FINISHED"
-    # the model round-trips through the server's S3 artifact store with its signature
-    loaded = mlflow.pytorch.load_model(f"models:/{name}@candidate")
-    x = torch.randn(2, 3, 32, 16)
+    # the pyfunc round-trips through the server's S3 artifact store with its signature: images in, the
+    # teacher's flip-averaged normalised feature out
+    from lf2core.serving.embedder import find_model_dir
+    from lf2core.serving.pyfunc import _load_pyfunc
+    from lf2core.serving.images import preprocess
+    from lf2core.stages.register import example_image
+
+    loaded = _load_pyfunc(str(find_model_dir(tracking.download_model(f"models:/{name}@candidate"))))
+    png = example_image(32, 16)
+    t = preprocess([png], 32, 16)
     with torch.no_grad():
-        assert torch.allclose(loaded(x), net1(x), atol=1e-6)
+        ref = torch.nn.functional.normalize(net1(t) + net1(torch.flip(t, dims=[3])), dim=1).numpy()
+    assert np.abs(loaded.predict([png]) - ref).max() <= 1e-6
     info = mlflow.models.get_model_info(f"models:/{name}/1")
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 16]
+    assert info.signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3 * 256]
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])]
     assert any(k.endswith("/MLmodel") for k in keys) and any(k.endswith("input_example.json") for k in keys)

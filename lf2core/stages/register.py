@@ -1,4 +1,4 @@
-"""Stage ``register``: log the final teacher to MLflow as a PyTorch model and register it.
+"""Stage ``register``: log the final teacher to MLflow as a pyfunc that takes images and register it.
 
 ``register(cfg, model, metrics, run_id=None)``
 
@@ -7,16 +7,21 @@
 - ``metrics``: an evaluate output (directory holding ``metrics.json``) or the JSON file itself;
 - ``run_id``: the pipeline's MLflow run to log into (default: a new run).
 
-The logged model is the eval-mode ``LF2Model``: input float32 ``[B, 3, H, W]`` (normalised image),
-output the L2-normalised test feature ``[B, (K+1) * C]``. Its signature and an input example are stored
-with it, ``lf2core`` is bundled as code so ``mlflow.pytorch.load_model`` works without installing lf2.
+The logged model is an MLflow pyfunc (``lf2core.serving.pyfunc``): input a batch of images (column
+``image``: encoded JPEG/PNG bytes, or uint8 H x W x 3 arrays), preprocessing inside (the recipe's test
+transform at ``data.height`` x ``data.width``), output the teacher's L2-normalised, flip-averaged test
+embedding ``[B, (K+1) * C]`` -- what ``evaluate`` measures. Its signature and an input example are stored
+with it, ``lf2core`` is bundled as code so ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
+work without installing lf2 (docs/serving.md).
 The version is tagged (recipe, source/target data, checkpoint, ``metric.<name>`` for every evaluation
 figure) and the alias ``candidate`` points at it; ``lf2 promote`` decides about ``champion``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,12 +77,21 @@ def read_metrics(metrics_uri: str) -> dict[str, Any]:
     return data
 
 
+def example_image(height: int, width: int) -> bytes:
+    """A PNG of ``height`` x ``width`` seeded noise: the input example stored with the model."""
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None) -> dict[str, Any]:
     """Log + register the teacher; returns ``{"registered", "name", "version", "model_uri", "mAP", ...}``."""
     scores = read_metrics(metrics)
     net, info = load_eval_model(cfg, model)
     h, w = cfg.data.height, cfg.data.width
-    example = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
     tags: dict[str, Any] = {
         "lf2.recipe": cfg.recipe,
         "lf2.source": f"{cfg.data.source.name}:{cfg.data.source.root}",
@@ -85,7 +99,7 @@ def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None
         "lf2.arch": info["arch"],
         "lf2.variant": info["variant"],
         "lf2.checkpoint": info["checkpoint"],
-        "lf2.input": f"float32[B,3,{h},{w}] normalised RGB",
+        "lf2.input": f"images (encoded JPEG/PNG or uint8 HxWx3 RGB), resized to {h}x{w} inside",
     }
     if "synthetic" in (cfg.data.source.name, cfg.data.target.name):
         try:
@@ -97,16 +111,23 @@ def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None
     for k, v in tracking.flatten_metrics(scores).items():
         tags[f"metric.{k}"] = f"{v:.6g}"
     pkg = Path(__file__).resolve().parent.parent
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "scipy"]
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "scipy", "pillow"]
     try:
         import torchvision
 
         reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
     except ImportError:  # pragma: no cover
         pass
-    info = tracking.log_and_register_model(
-        net, example, cfg=cfg, run_id=run_id or None, tags=tags, code_paths=[str(pkg)], pip_requirements=reqs,
-    )
+    from ..serving.embedder import write_model_dir
+
+    with torch.no_grad():
+        dim = int(net(torch.zeros(1, 3, h, w)).shape[1])
+    with tempfile.TemporaryDirectory(prefix="lf2-pyfunc-") as tmp:
+        write_model_dir(Path(tmp) / "lf2", model, cfg)
+        info = tracking.log_and_register_pyfunc(
+            "lf2core.serving.pyfunc", str(Path(tmp) / "lf2"), [example_image(h, w)], dim, cfg=cfg,
+            run_id=run_id or None, tags=tags, code_paths=[str(pkg)], pip_requirements=reqs,
+        )
     out: dict[str, Any] = {"registered": info is not None, "mAP": scores.get("mAP")}
     if info is not None:
         out.update(info)

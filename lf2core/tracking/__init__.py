@@ -9,10 +9,11 @@ Layout in MLflow (chosen so that comparing pipeline runs in the UI is easy):
   ``finetune/...`` losses, ``eval/mAP``, ``eval/R1`` ... so the metric charts show curves over rounds
   and the runs table compares final values;
 - artifacts: ``config.yaml``, ``round_XX/cluster_stats.png``, ``eval/ranklist.png``, ``*/metrics.json``;
-- ``register`` logs the teacher as an MLflow PyTorch model (signature + input example), registers it
-  as ``lf2-reid``, tags the version with data/recipe/metrics and points the alias ``candidate`` at it;
-  ``promote`` moves ``champion`` only when the candidate beats the champion's target mAP (aliases, not
-  the deprecated stages).
+- ``register`` logs the teacher as an MLflow pyfunc that takes images (``lf2core.serving.pyfunc``;
+  signature + input example), registers it as ``lf2-reid``, tags the version with data/recipe/metrics
+  and points the alias ``candidate`` at it; ``lf2 export`` attaches the ONNX file and its parity report
+  to a version (tag ``lf2.onnx.parity``); ``promote`` moves ``champion`` only when the candidate beats
+  the champion's target mAP and did not fail its export parity (aliases, not the deprecated stages).
 
 Tracking URI: ``cfg.tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``
 (artifacts of the local default in ``./mlartifacts``). ``LF2_TRACKING=off`` turns every function here
@@ -22,8 +23,9 @@ The package: ``store`` (which store, masking, HTTP limits, the client), ``server
 check), ``runs`` (runs and what is logged into them), ``registry`` (register + promotion gate).
 """
 
-from .registry import (CANDIDATE_ALIAS, TARGET_METRIC, PromotionDecision, describe_aliases, log_and_register_model,
-                       promote, promote_main, version_metric)
+from .registry import (CANDIDATE_ALIAS, PARITY_TAG, TARGET_METRIC, PromotionDecision, describe_aliases,
+                       download_model, invalid_input, log_and_register_pyfunc, log_version_report, promote,
+                       promote_main, register_model, resolve_model_uri, version_metric)
 from .runs import (create_run, end_run, ended_on_error, log_artifact, log_metrics, log_params, log_text, set_tags,
                    start_run)
 from .server import check_reachable
@@ -31,9 +33,10 @@ from .store import (DEFAULT_ARTIFACT_DIR, DEFAULT_TRACKING_URI, HEALTH_TIMEOUT, 
                     configure, enabled, flatten_metrics, mask, masked_params, resolve_tracking_uri, use)
 
 __all__ = [
-    "CANDIDATE_ALIAS", "DEFAULT_ARTIFACT_DIR", "DEFAULT_TRACKING_URI", "HEALTH_TIMEOUT", "HTTP_DEFAULTS", "TARGET_METRIC",
+    "CANDIDATE_ALIAS", "PARITY_TAG", "DEFAULT_ARTIFACT_DIR", "DEFAULT_TRACKING_URI", "HEALTH_TIMEOUT", "HTTP_DEFAULTS", "TARGET_METRIC",
     "PromotionDecision", "TrackingError", "check_reachable", "configure", "create_run", "describe_aliases",
-    "enabled", "end_run", "ended_on_error", "flatten_metrics", "log_and_register_model", "log_artifact",
+    "download_model", "enabled", "end_run", "ended_on_error", "flatten_metrics", "invalid_input",
+    "log_and_register_pyfunc", "log_artifact", "log_version_report", "register_model", "resolve_model_uri",
     "log_metrics", "log_params", "log_text", "mask", "masked_params", "promote", "promote_main",
     "resolve_tracking_uri", "set_tags", "start_run", "use", "version_metric",
 ]

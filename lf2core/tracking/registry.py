@@ -1,9 +1,13 @@
-"""The model registry: log + register the evaluated teacher (alias ``candidate``), and the promotion gate
-that moves ``champion`` only to a better version (aliases, not the deprecated stages)."""
+"""The model registry: log + register the evaluated teacher as an image-in pyfunc (alias ``candidate``),
+the promotion gate that moves ``champion`` only to a better version (aliases, not the deprecated stages)
+and refuses a version whose ONNX export parity failed, and the registry side of ``lf2 export`` /
+``lf2 search`` (resolve and download a ``models:/`` URI, attach a report to a version)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .runs import create_run, ended_on_error
@@ -13,11 +17,14 @@ from .server import check_reachable
 
 CANDIDATE_ALIAS = "candidate"
 TARGET_METRIC = "mAP"
+PARITY_TAG = "lf2.onnx.parity"  # "passed" | "failed", set by `lf2 export`; promote refuses "failed"
 
 
-def log_and_register_model(
-    model: Any,
-    input_example: Any,
+def log_and_register_pyfunc(
+    loader_module: str,
+    data_path: str,
+    input_images: list[bytes],
+    output_dim: int,
     *,
     cfg: Any,
     run_id: Optional[str] = None,
@@ -26,34 +33,44 @@ def log_and_register_model(
     code_paths: Optional[list[str]] = None,
     pip_requirements: Optional[list[str]] = None,
 ) -> Optional[dict[str, Any]]:
-    """Log ``model`` (torch ``nn.Module`` in eval mode) as an MLflow PyTorch model with a signature
-    inferred from ``input_example`` (numpy float32 [1, 3, H, W]) -> output [1, D]; register it as
-    ``cfg.tracking.registered_model``; tag the version and point ``alias`` at it.
-
-    Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when tracking is off.
-    """
+    """Log an image-in pyfunc (``loader_module`` + ``data_path``, the lf2 serving model) with the
+    signature ``image: binary`` -> float32 ``[-1, output_dim]`` and ``input_images`` (encoded images) as
+    input example; register it as ``cfg.tracking.registered_model``, tag the version with ``tags`` and
+    point ``alias`` at it. Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when
+    tracking is off."""
     if not enabled():
         return None
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(output_dim)))]))
+
+    def log(name: str) -> Any:
+        return mlflow.pyfunc.log_model(
+            name="model", loader_module=loader_module, data_path=data_path, code_paths=code_paths,
+            signature=signature, input_example=pd.DataFrame({"image": list(input_images)}),
+            registered_model_name=name, pip_requirements=pip_requirements,
+        )
+
+    return _log_and_register(log, cfg, run_id, tags, alias)
+
+
+def _log_and_register(log: Any, cfg: Any, run_id: Optional[str], tags: Optional[Mapping[str, Any]],
+                      alias: str) -> dict[str, Any]:
     import mlflow
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
 
     configure(cfg)
     name = cfg.tracking.registered_model
-    with torch.no_grad():
-        output = model(torch.as_tensor(input_example)).detach().cpu().numpy()
-    signature = infer_signature(input_example, output)
     own_run = run_id is None
     if own_run:
         run_id = create_run(cfg, run_name="register")
     with ended_on_error(run_id, end=own_run):
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=input_example,
-                registered_model_name=name, code_paths=code_paths, pip_requirements=pip_requirements,
-                serialization_format="pickle",  # torch.export (pt2) would specialise the batch size
-            )
+            info = log(name)
         version = str(info.registered_model_version)
         client = store.client()
         for k, v in (tags or {}).items():
@@ -61,6 +78,82 @@ def log_and_register_model(
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
             "alias": alias}
+
+
+def invalid_input(message: str) -> Exception:
+    """The exception a served model raises for a bad request: the scoring server answers HTTP 400 with
+    ``message`` (an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[^/]+))/?$")
+
+
+def resolve_model_uri(uri: str, tracking_uri: Optional[str] = None) -> tuple[str, str]:
+    """``(name, version)`` of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; TrackingError otherwise."""
+    m = _MODEL_URI.match(str(uri))
+    if not m:
+        raise TrackingError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    if not enabled():
+        raise TrackingError(f"{uri}: tracking is disabled (LF2_TRACKING=off)")
+    check_reachable(tracking_uri=tracking_uri)
+    set_uri(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    name = m["name"]
+    try:
+        if m["version"]:
+            return name, str(store.client().get_model_version(name, m["version"]).version)
+        return name, str(store.client().get_model_version_by_alias(name, m["alias"]).version)
+    except MlflowException:
+        raise TrackingError(f"{uri}: no such registered model version or alias at "
+                            f"{mask(resolve_tracking_uri(tracking_uri=tracking_uri))}") from None
+
+
+def download_model(uri: str, dst: Optional[str] = None, tracking_uri: Optional[str] = None) -> str:
+    """Download the registered model ``uri`` (``models:/...``) into ``dst`` (default: a cache folder keyed
+    by name and version); returns the local directory."""
+    import mlflow.artifacts
+
+    name, version = resolve_model_uri(uri, tracking_uri)
+    if dst is None:
+        from .. import storage
+
+        key = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{mask(resolve_tracking_uri(tracking_uri=tracking_uri))}")
+        dst = str(storage.cache_dir() / "models" / key[-80:] / f"{name}-v{version}")
+    done = Path(dst) / ".complete"
+    if done.is_file():
+        return dst
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst)
+    done.write_text("")
+    return dst
+
+
+def log_version_report(model_name: str, version: str, files: Mapping[str, str], artifact_path: str,
+                       tags: Mapping[str, Any], location_tag: str = "",
+                       tracking_uri: Optional[str] = None) -> Optional[str]:
+    """Attach ``files`` (local paths) to a registered version -- logged under ``artifact_path`` in the
+    version's run -- and set ``tags`` on the version (``location_tag``: also a tag holding where the files
+    went); returns the artifact URI (``runs:/...``)."""
+    if not enabled():
+        return None
+    set_uri(tracking_uri)
+    client = store.client()
+    mv = client.get_model_version(model_name, version)
+    where = None
+    if mv.run_id:
+        for path in files.values():
+            client.log_artifact(mv.run_id, str(path), artifact_path)
+        where = f"runs:/{mv.run_id}/{artifact_path}"
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, version, k, str(mask(v, k)))
+    if where and location_tag:
+        client.set_model_version_tag(model_name, version, location_tag, where)
+    return where
 
 
 @dataclass
@@ -114,8 +207,10 @@ def promote(
 ) -> PromotionDecision:
     """Move ``alias`` to ``version`` (default: the ``candidate`` alias) if it earns it.
 
-    Gate (skipped with ``force``): the candidate's target mAP must be known, at least ``min_map`` when
-    given, and strictly greater than the current holder's mAP. The decision says why in ``reason``.
+    Gate (skipped with ``force``): the version must not have failed its ONNX export parity check (tag
+    ``lf2.onnx.parity=failed``; forcing over it is recorded as the tag ``lf2.forced_over``), the
+    candidate's target mAP must be known, at least ``min_map`` when given, and strictly greater than the
+    current holder's mAP. The decision says why in ``reason``.
     """
     if not enabled():
         return PromotionDecision(False, "tracking is disabled (LF2_TRACKING=off)", model_name, version, alias)
@@ -144,7 +239,12 @@ def promote(
     if holder == version:
         d.reason = f"version {version} already holds '{alias}'"
         return d
+    parity = (client.get_model_version(model_name, version).tags or {}).get(PARITY_TAG)
     if not force:
+        if parity == "failed":
+            d.reason = (f"version {version} failed its ONNX export parity check ({PARITY_TAG}=failed; see "
+                        f"`lf2 export` and the version's parity report); use --force to promote anyway")
+            return d
         if cand is None:
             d.reason = f"version {version} has no {metric} recorded; cannot compare (use --force)"
             return d
@@ -157,6 +257,8 @@ def promote(
             return d
     client.set_registered_model_alias(model_name, alias, version)
     client.set_model_version_tag(model_name, version, f"lf2.promoted_to_{alias}", "forced" if force else "gated")
+    if force and parity == "failed":
+        client.set_model_version_tag(model_name, version, "lf2.forced_over", f"{PARITY_TAG}=failed")
     d.promoted = True
     if force:
         d.reason = f"forced: '{alias}' -> version {version}"
@@ -195,4 +297,6 @@ def describe_aliases(model_name: str = "lf2-reid", tracking_uri: Optional[str] =
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
 
-register_model = log_and_register_model  # the name used in docs/internal-api.md
+
+
+register_model = log_and_register_pyfunc  # the name used in docs/internal-api.md
