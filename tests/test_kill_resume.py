@@ -43,14 +43,16 @@ def test_killed_at_a_random_point_then_rerun_gives_the_same_result(tmp_path: Pat
     assert ref.returncode == 0, ref.stderr[-2000:]
     took = time.monotonic() - t0
     seed = random.randrange(1 << 30)
-    kill_at = random.Random(seed).uniform(0.2 * took, 0.9 * took)
+    rng = random.Random(seed)
+    kills = [rng.uniform(0.1 * took, 0.9 * took) for _ in range(2)]  # two kills: one run is killed twice
     victim = tmp_path / "victim"
-    p = subprocess.Popen(_cmd(victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    time.sleep(kill_at)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    for kill_at in kills:
+        p = subprocess.Popen(_cmd(victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+        time.sleep(kill_at)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     again = subprocess.run(_cmd(victim), capture_output=True, text=True, env=_env(), timeout=600)
-    assert again.returncode == 0, f"seed {seed}, killed at {kill_at:.1f}s of {took:.1f}s:\n{again.stderr[-2000:]}"
-    assert _metrics(again.stdout) == _metrics(ref.stdout), f"seed {seed}, killed at {kill_at:.1f}s"
+    assert again.returncode == 0, f"seed {seed}, killed at {kills} s of {took:.1f}s:\n{again.stderr[-2000:]}"
+    assert _metrics(again.stdout) == _metrics(ref.stdout), f"seed {seed}, killed at {kills} s"
     leftovers = [q.name for q in victim.rglob("*") if q.name.endswith(".partial")]
     assert leftovers == [], f"seed {seed}: {leftovers}"

@@ -141,11 +141,15 @@ def run_local(
     """
     _claim_run_dir(out)
     runner = _Runner(cfg)
-    if data is None:
-        data = runner.run(PREPARE, storage.join(out, "data"))
-    if source_model is None:
-        source_model = runner.run(PRETRAIN, storage.join(out, "pretrain"), data)
+    own_data, own_source = data is None, source_model is None
+    data = storage.join(out, "data") if own_data else data
+    source_model = storage.join(out, "pretrain") if own_source else source_model
+    # recorded before any stage runs: a run killed at any point resumes, one with other settings is refused
     _check_run_config(cfg, out, data, source_model)
+    if own_data:
+        runner.run(PREPARE, data)
+    if own_source:
+        runner.run(PRETRAIN, source_model, data)
     source_only = None
     if storage.exists(storage.join(source_model, artifacts.METRICS)):
         final = artifacts.read_final_metrics(source_model)
