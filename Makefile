@@ -11,10 +11,10 @@ VARIANT ?= all
 
 install: $(STAMP)  ## create .venv/ and install lf2 with its pinned dependencies
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/requirements-cpu.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c docker/requirements-cpu.lock -e '.[test]'  # the CPU image's exact versions
 	touch $(STAMP)
 
 demo: install  ## synthetic a -> b, whole pipeline locally (kfp.local), MLflow in ./mlflow.db, register + promote
