@@ -25,7 +25,8 @@ import time
 import torch
 
 from lf2core.config import load_config
-from lf2core.features import autocast_context, extract
+from lf2core.features import extract
+from lf2core.runtime import autocast_context
 from lf2core.models import SourceModel, build_target_model
 
 

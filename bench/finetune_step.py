@@ -6,7 +6,7 @@
 Variants (same weights, same three batches, one full optimisation step each = forward, loss, backward,
 Adam, EMA; interleaved repetitions so machine load affects all alike; the first repetition is warm-up):
 
-- ``reference``: ``lf2core.trainers.reference_step`` -- each of the three batches through student,
+- ``reference``: ``lf2core.training.reference_step`` -- each of the three batches through student,
   teacher and Fuse with autograd on, NCHW, float32 (what the released loop does);
 - ``reference_cl``: the same with channels_last tensors (to separate the memory-format effect);
 - ``fast``: ``fast_step`` -- one concatenated student forward/backward with per-sub-batch (ghost) BN,
@@ -15,7 +15,7 @@ Adam, EMA; interleaved repetitions so machine load affects all alike; the first 
 - ``fast_amp_cl``: ``fast`` + channels_last + autocast (bfloat16 on CPU, float16/bfloat16 on CUDA):
   NOT the same math (reduced precision), listed for the speed it buys;
 - ``fast_cl_student_only``: ``fast_cl`` without the teacher/Fuse forwards -- what the finetune stage runs
-  before the round's tail (``trainers.teacher_tail``: 66 of the paper's 400 iterations run the teacher).
+  before the round's tail (``training.teacher_tail``: 66 of the paper's 400 iterations run the teacher).
   The line ``round (paper: 400 it)`` is the resulting mean time per iteration of a 400-iteration round:
   (66 x fast_cl + 334 x fast_cl_student_only) / 400, to float32 precision the same round result.
 
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from lf2core.config import load_config  # noqa: E402
 from lf2core.models import SourceModel, build_target_model  # noqa: E402
-from lf2core.trainers import Criteria, StepSettings, fast_step, make_optimizer, reference_step  # noqa: E402
+from lf2core.training import Criteria, StepSettings, fast_step, make_optimizer, reference_step  # noqa: E402
 
 
 def bench(args: argparse.Namespace, threads: int) -> dict[str, list[float]]:

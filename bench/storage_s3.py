@@ -48,7 +48,7 @@ def main() -> None:
         big.write_bytes(os.urandom(args.big_mb * 1024 * 1024))
         t_up = _t(lambda: storage.upload_file(big, "s3://bench/big/big.bin"))
         t_down = _t(lambda: storage.local_path("s3://bench/big/big.bin"))
-        print(f"big file ({args.big_mb} MiB, multipart {storage.MULTIPART_CHUNKSIZE >> 20} MiB parts): "
+        print(f"big file ({args.big_mb} MiB, multipart {storage.s3.MULTIPART_CHUNKSIZE >> 20} MiB parts): "
               f"upload {args.big_mb / t_up:.0f} MiB/s, download {args.big_mb / t_down:.0f} MiB/s")
 
         def commit() -> None:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lf2core import storage  # noqa: E402
+from lf2core import artifacts, storage  # noqa: E402
 from lf2core.config import load_config  # noqa: E402
 
 log = logging.getLogger("bench.uda")
@@ -97,7 +97,7 @@ def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int
             prepare_data(cfg, data)
         from lf2core.data.synthetic import GENERATOR_VERSION
 
-        version = json.loads(Path(data, "stats.json").read_text()).get("synthetic_generator_version")
+        version = artifacts.read_json(storage.join(data, artifacts.DATA_STATS)).get("synthetic_generator_version")
         if version != GENERATOR_VERSION:
             raise SystemExit(f"{data}: data from synthetic generator {version}, this code is "
                              f"{GENERATOR_VERSION}: use a fresh --work directory")
@@ -113,7 +113,7 @@ def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int
         model = str(w / ("pretrain" if task == "source_only_eval" else "oracle_pretrain"))
         if not storage.is_complete(str(w / task)):
             evaluate(cfg, data, model, str(w / task))
-        out = {"metrics": json.loads(Path(w, task, "metrics.json").read_text())}
+        out = {"metrics": artifacts.read_metrics(str(w / task))}
     else:
         c = load_config("demo", [*base, *RUNS[task]])
         summary = run_local(c, str(w / task), data=data, source_model=str(w / "pretrain"), eval_every=1)

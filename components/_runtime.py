@@ -99,6 +99,9 @@ def resolve_config(recipe: str, overrides_json: str, source_root: str, target_ro
             f"config asks for {cfg.finetune.rounds}; recompile with `lf2 pipeline compile --rounds "
             f"{cfg.finetune.rounds}` (rounds are unrolled at compile time)"
         )
+    from lf2core import tracking
+
+    tracking.check_reachable(cfg)  # the first task: a dead MLflow fails here, before any training
     return f"{CODE_HEADER}{code_fingerprint()} (lf2 {__version__})\n" + cfg.to_yaml()
 
 
@@ -211,3 +214,28 @@ def env_summary() -> dict[str, Any]:
     import platform
 
     return {"lf2.host": platform.node(), "lf2.image": os.environ.get("LF2_IMAGE", "")}
+
+
+def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inputs: dict[str, Any],
+              run_id: Optional[str] = None, round_index: Optional[int] = None) -> tuple[Any, str, Any]:
+    """Run stage ``name`` of ``lf2core.stages.table.STAGES`` inside its component: ``inputs`` are the KFP
+    input artifacts by port name; the output goes to ``output_location`` (keyed by the config, the input
+    locations in table order, ``round_index`` and ``run_id`` when given); ``round_index`` is passed on when
+    the stage takes it; a failure marks the pipeline's MLflow run FAILED. Returns (config, output
+    location or "" for a stage without output, the stage's result)."""
+    from lf2core.stages.table import stage
+
+    st = stage(name)
+    setup_logging()
+    cfg = load_config(config_yaml)
+    uris = [input_location(inputs[p.name]) for p in st.inputs]
+    key = [*uris] + ([round_index] if round_index is not None else []) + ([run_id] if run_id is not None else [])
+    out = output_location(output, object_prefix, st.name, config_yaml, *key) if st.output is not None else ""
+    params: dict[str, Any] = {}
+    if any(p.name == "round_index" for p in st.params) and round_index is not None:
+        params["round_index"] = round_index
+    if any(p.name == "run_id" for p in st.params):
+        params["run_id"] = tracking_run(run_id or "")
+    with failure_marks_run(run_id or ""):
+        result = st(cfg, *uris, *([out] if out else []), **params)
+    return cfg, out, result

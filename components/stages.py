@@ -5,6 +5,11 @@ Each function body imports lf2core lazily (it runs in the project image, or in t
 records outputs/metrics. ``build_components(image)`` turns them into components with ``base_image``
 set to the project image and ``install_kfp_package=False`` (the image already has kfp).
 
+The stage components are derived from the stage table (``lf2core.stages.table``): ``_runtime.run_stage``
+looks the stage up by name, resolves its inputs, places its output and calls its function; each function
+here only declares the KFP types (``tests/test_pipeline_compile.py`` checks them against the table) and
+logs what the pipeline shows.
+
 Data flow: ``resolve-config`` turns recipe + overrides + data URIs into one validated YAML string that
 every other component receives as ``config``; stage outputs are directory artifacts (Dataset / Model /
 Artifact) or, with ``object_prefix``, s3:// prefixes recorded in the artifact (see ``_runtime``).
@@ -38,25 +43,17 @@ def resolve_config(recipe: str, overrides: str, source_root: str, target_root: s
 def prepare_data(config: str, object_prefix: str, data: Output[Dataset]) -> None:
     """Stage prepare-data: dataset manifest (+ synthetic domains when the recipe asks for them)."""
     from components import _runtime as rt
-    from lf2core.stages.prepare import prepare_data as stage
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    out = rt.output_location(data, object_prefix, "prepare-data", config)
-    rt.record_output(data, out, stage(cfg, out))
+    _, out, result = rt.run_stage("prepare-data", config, object_prefix, data, {})
+    rt.record_output(data, out, result)
 
 
 def pretrain_source(config: str, object_prefix: str, data: Input[Dataset], model: Output[Model],
                     metrics: Output[Metrics]) -> None:
     """Stage pretrain-source: supervised source model (cached across pipeline runs with equal inputs)."""
     from components import _runtime as rt
-    from lf2core.stages.pretrain import pretrain_source as stage
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    data_uri = rt.input_location(data)
-    out = rt.output_location(model, object_prefix, "pretrain-source", config, data_uri)
-    result = stage(cfg, data_uri, out)
+    _, out, result = rt.run_stage("pretrain-source", config, object_prefix, model, {"data": data})
     rt.record_output(model, out, result)
     rt.log_kfp_metrics(metrics, result)
 
@@ -69,7 +66,7 @@ def start_run(config: str, run_name: str, resume_run_id: str, data: Input[Datase
     import time
 
     from components import _runtime as rt
-    from lf2core import tracking
+    from lf2core import artifacts, tracking
 
     rt.setup_logging()
     cfg = rt.load_config(config)
@@ -80,7 +77,7 @@ def start_run(config: str, run_name: str, resume_run_id: str, data: Input[Datase
         return resume_run_id
     name = run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracking.create_run(cfg, name, rt.env_summary())
-    manifest = rt.local_file(rt.input_location(data), "manifest.json")
+    manifest = rt.local_file(rt.input_location(data), artifacts.MANIFEST)
     if manifest is not None:
         m = json.loads(manifest.read_text())
         sizes = {f"{side}_{split}": len(m.get(side, {}).get(split, []))
@@ -88,7 +85,7 @@ def start_run(config: str, run_name: str, resume_run_id: str, data: Input[Datase
         tracking.log_metrics(sizes, step=0, run_id=run_id, prefix="data")
     src = rt.input_location(source_model)
     tracking.set_tags({"lf2.data": rt.input_location(data), "lf2.source_model": src}, run_id=run_id)
-    pm = rt.local_file(src, "metrics.json")
+    pm = rt.local_file(src, artifacts.METRICS)
     if pm is not None:
         pmetrics = json.loads(pm.read_text())
         for row in pmetrics.get("history", []):
@@ -104,15 +101,9 @@ def extract_features(config: str, object_prefix: str, run_id: str, round_index: 
     """Stage extract-features: fusion features of the target train split for one round."""
     from components import _runtime as rt
     from lf2core import tracking
-    from lf2core.stages.extract import extract_features as stage
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    data_uri, model_uri = rt.input_location(data), rt.input_location(model)
-    out = rt.output_location(features, object_prefix, "extract-features", config, data_uri, model_uri,
-                             round_index, run_id)
-    with rt.failure_marks_run(run_id):
-        result = stage(cfg, data_uri, model_uri, out)
+    _, out, result = rt.run_stage("extract-features", config, object_prefix, features, {"data": data, "model": model},
+                                  run_id=run_id, round_index=round_index)
     rt.record_output(features, out, result)
     tracking.log_metrics(result, step=round_index, run_id=rt.tracking_run(run_id), prefix="extract")
 
@@ -123,22 +114,17 @@ def cluster(config: str, object_prefix: str, run_id: str, round_index: int, feat
     import json
 
     from components import _runtime as rt
-    from lf2core import tracking
-    from lf2core.stages.cluster import cluster as stage
+    from lf2core import artifacts, tracking
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    feat_uri = rt.input_location(features)
-    out = rt.output_location(labels, object_prefix, "cluster", config, feat_uri, round_index, run_id)
-    with rt.failure_marks_run(run_id):
-        result = stage(cfg, feat_uri, out, round_index=round_index)
+    _, out, result = rt.run_stage("cluster", config, object_prefix, labels, {"features": features}, run_id=run_id,
+                                  round_index=round_index)
     rt.record_output(labels, out)
-    stats_file = rt.local_file(out, "stats.json")
+    stats_file = rt.local_file(out, artifacts.CLUSTER_STATS)
     stats = json.loads(stats_file.read_text()) if stats_file is not None else (result or {})
     stats = {k: v for k, v in stats.items() if k not in ("round", "method")}
     rid = rt.tracking_run(run_id)
     tracking.log_metrics(stats, step=round_index, run_id=rid, prefix="cluster")
-    for name in ("stats.json", "cluster_stats.png"):
+    for name in (artifacts.CLUSTER_STATS, artifacts.CLUSTER_PLOT):
         f = rt.local_file(out, name)
         if f is not None:
             tracking.log_artifact(f, f"round_{round_index:02d}", run_id=rid)
@@ -152,15 +138,10 @@ def finetune(config: str, object_prefix: str, run_id: str, round_index: int, dat
     """Stage finetune: one round of mean-teacher training on the round's pseudo labels."""
     from components import _runtime as rt
     from lf2core import tracking
-    from lf2core.stages.finetune import finetune as stage
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    data_uri, labels_uri, model_uri = rt.input_location(data), rt.input_location(labels), rt.input_location(model)
-    out = rt.output_location(finetuned, object_prefix, "finetune", config, data_uri, labels_uri, model_uri,
-                             round_index, run_id)
-    with rt.failure_marks_run(run_id):
-        result = stage(cfg, data_uri, labels_uri, model_uri, out, round_index=round_index)
+    _, out, result = rt.run_stage("finetune", config, object_prefix, finetuned,
+                                  {"data": data, "labels": labels, "model": model}, run_id=run_id,
+                                  round_index=round_index)
     rt.record_output(finetuned, out, result)
     rt.log_kfp_metrics(metrics, result or {})
     tracking.log_metrics(result or {}, step=round_index, run_id=rt.tracking_run(run_id), prefix="finetune")
@@ -171,21 +152,16 @@ def evaluate(config: str, object_prefix: str, run_id: str, data: Input[Dataset],
              summary: Output[Markdown]) -> None:
     """Stage evaluate: mAP / CMC of the final teacher on the target query/gallery."""
     from components import _runtime as rt
-    from lf2core import tracking
-    from lf2core.stages.evaluate import evaluate as stage
+    from lf2core import artifacts, tracking
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    data_uri, model_uri = rt.input_location(data), rt.input_location(model)
-    out = rt.output_location(results, object_prefix, "evaluate", config, data_uri, model_uri, run_id)
-    with rt.failure_marks_run(run_id):
-        result = stage(cfg, data_uri, model_uri, out)
+    cfg, out, result = rt.run_stage("evaluate", config, object_prefix, results, {"data": data, "model": model},
+                                    run_id=run_id)
     rt.record_output(results, out, result)
     rt.log_kfp_metrics(metrics, result, ["mAP", "R1", "R5", "R10", "mINP"])
     rid = rt.tracking_run(run_id)
     tracking.log_metrics(result, step=cfg.finetune.rounds, run_id=rid, prefix="eval")
-    png = rt.local_file(out, "ranklist.png")
-    for name in ("metrics.json", "ranklist.png"):
+    png = rt.local_file(out, artifacts.RANKLIST)
+    for name in (artifacts.METRICS, artifacts.RANKLIST):
         f = rt.local_file(out, name)
         if f is not None:
             tracking.log_artifact(f, "eval", run_id=rid)
@@ -194,17 +170,13 @@ def evaluate(config: str, object_prefix: str, run_id: str, data: Input[Dataset],
     rt.write_text(summary, rt.markdown_table("Target test split", rows))
 
 
-def register(config: str, run_id: str, model: Input[Model], results: Input[Artifact],
+def register(config: str, run_id: str, model: Input[Model], metrics: Input[Artifact],
              summary: Output[Markdown]) -> str:
     """Stage register: log the teacher to MLflow, register it as ``lf2-reid`` with alias ``candidate``,
     and close the pipeline's MLflow run. Returns the version ("" when tracking is off). Never cached."""
     from components import _runtime as rt
-    from lf2core.stages.register import register as stage
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    with rt.failure_marks_run(run_id):
-        result = stage(cfg, rt.input_location(model), rt.input_location(results), run_id=rt.tracking_run(run_id))
+    cfg, _, result = rt.run_stage("register", config, "", None, {"model": model, "metrics": metrics}, run_id=run_id)
     version = str(result.get("version", "")) if result.get("registered") else ""
     rows = [("registered model", cfg.tracking.registered_model), ("version", version or "-"),
             ("alias", result.get("alias", "-")), ("mAP", result.get("mAP")), ("MLflow run", run_id or "-")]

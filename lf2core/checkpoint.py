@@ -12,16 +12,19 @@ Training state (``save_state`` / ``load_state``), also weights-only::
      "optimizer": state_dict, "scheduler": state_dict | None, "rng": {...}, "extra": dict}
 
 Both are written atomically through ``lf2core.storage.write_bytes`` (local path or s3:// URI).
+``TrainingState`` is the one resume helper of the training stages (where the state lives, which run it
+belongs to: ``fingerprint``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import random
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from .errors import CheckpointError, Lf2Error, StorageError
 
 CHECKPOINT_FORMAT = "lf2-checkpoint/1"
 STATE_FORMAT = "lf2-state/1"
+STATE_FILE = "state.pt"  # the resumable training state inside a stage's work dir
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -203,10 +207,65 @@ def work_dir(out: str, stage: str) -> str:
 
 
 def release_work_dir(work: str) -> None:
-    """Drop the resumable state once the stage output is committed (local directory or s3:// prefix); a
-    failure to delete is logged, not raised: the output is already complete."""
+    """Drop the resumable state (``STATE_FILE``, nothing else) once the stage output is committed (local
+    directory - removed when left empty - or s3:// prefix); a failure to delete is logged, not raised: the
+    output is already complete."""
     try:
-        storage.remove_tree(work)
+        storage.remove_files(work, [STATE_FILE])
     except (StorageError, OSError) as e:
         logging.getLogger(__name__).warning("training state left at %s (%s); remove it when no longer needed",
                                             work, e)
+
+
+def fingerprint(settings: Any, blobs: Sequence[bytes] = ()) -> str:
+    """16 hex digits of SHA-256 over ``blobs`` then the JSON of ``settings``: a training state is resumed
+    only by a run with the same inputs (``blobs``) and the same trajectory-shaping settings."""
+    h = hashlib.sha256()
+    for b in blobs:
+        h.update(b)
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class TrainingState:
+    """The resumable state of one training stage run: ``<work>/state.pt`` with ``<work>`` =
+    ``work_dir(out, stage)``, valid only for the run whose ``key`` (``fingerprint``) it records.
+
+    ``load`` restores a matching state into the given objects (in place) and returns ``{"epoch", "extra"}``;
+    it returns None when there is no state, when it is unusable, or when it belongs to other inputs or
+    settings (the objects may then have been modified: rebuild them). ``save`` writes one atomically,
+    ``release`` drops it once the stage output is committed.
+    """
+
+    def __init__(self, out: str, stage: str, key: str) -> None:
+        self.work = work_dir(out, stage)
+        self.uri = storage.join(self.work, STATE_FILE)
+        self.key = key
+        self.stage = stage
+
+    def exists(self) -> bool:
+        return storage.exists(self.uri)
+
+    def load(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+             scheduler: Any = None) -> Optional[dict[str, Any]]:
+        log = logging.getLogger(__name__)
+        if not self.exists():
+            return None
+        try:
+            info = load_state(self.uri, model, optimizer, scheduler)
+        except CheckpointError as e:
+            log.warning("%s: ignoring unusable training state (%s); starting from scratch", self.stage, e)
+            return None
+        if info["extra"].get("config_key") != self.key:
+            log.warning("%s: training state %s is for other inputs or another config; starting from scratch",
+                        self.stage, self.uri)
+            return None
+        log.info("%s: resuming from %s after epoch %d", self.stage, self.uri, info["epoch"])
+        return info
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+             **extra: Any) -> None:
+        save_state(self.uri, model, optimizer, scheduler, epoch, extra={"config_key": self.key, **extra})
+
+    def release(self) -> None:
+        release_work_dir(self.work)

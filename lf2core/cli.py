@@ -1,31 +1,50 @@
 """The ``lf2`` command: one sub-command per stage plus data tools, the local runner and the pipeline.
 
 Every stage sub-command takes ``--config RECIPE`` (a name in configs/ or a YAML path) and any number of
-``--set key=value`` overrides, then calls the matching function in ``lf2core.stages``. Errors caused by
-bad input are printed as one ``lf2: error: ...`` line naming the file/key/URI, with exit status 2.
+``--set key=value`` overrides, then calls the matching function in ``lf2core.stages``; the stage
+sub-commands, their options and the owner of their ``--out`` come from the stage table
+(``lf2core.stages.table.STAGES``). Errors caused by bad input are printed as one ``lf2: error: ...`` line
+naming the file/key/URI, with exit status 2.
+
+lf2core knows nothing above itself: commands owned by other packages (``lf2 pipeline``, in
+``pipelines.cli``) are passed to ``main`` as ``Command`` objects by the console script's module
+(``pipelines.cli:lf2_main``), which may import both.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
-from .config import Config, ConfigError, load_config
+from .config import ConfigError, load_config
 from .errors import Lf2Error
+from .stages.table import STAGES, SYNTHETIC_DATA, Stage
 
 log = logging.getLogger("lf2")
 
 
-def _cfg(args: argparse.Namespace) -> Config:
-    return args.cfg
+def one_line(e: BaseException) -> str:
+    """The message of an lf2 error as one line. An error raised in a DataLoader worker comes back wrapped
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its last line is the
+    original message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
+    return " ".join(text.split())
 
 
-def _call(module: str, func: str) -> Callable[..., Any]:
-    return getattr(importlib.import_module(module), func)
+@dataclass(frozen=True)
+class Command:
+    """A sub-command contributed by a package above lf2core: ``add(subparsers)`` adds its parser and sets
+    ``func(args) -> exit status``."""
+
+    name: str
+    add: Callable[[Any], None]
 
 
 def _print_metrics(metrics: Any) -> None:
@@ -34,81 +53,66 @@ def _print_metrics(metrics: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------- handlers
+def _claim_out(args: argparse.Namespace, owner: str) -> None:
+    """Refuse an ``--out`` that holds anything but a previous output of ``owner`` (before any work starts),
+    and mark such a previous output as being replaced."""
+    from . import storage
+
+    storage.set_overwrite(args.overwrite)
+    if owner:
+        storage.claim_output(args.out, owner)
+
+
+def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
+    """``lf2 <stage>``: claim ``--out`` for the stage, call its function, print its metrics."""
+    if stage.output is not None:
+        _claim_out(args, stage.name)
+    locations = [getattr(args, p.name) for p in stage.inputs]
+    if stage.output is not None:
+        locations.append(args.out)
+    params = {p.name: getattr(args, p.name) for p in stage.params}
+    _print_metrics(stage(args.cfg, *locations, **params))
+    return 0
+
+
 def _data_synth(args: argparse.Namespace) -> int:
-    stats = _call("lf2core.data.synthetic", "write_domain")(
-        args.domain, args.out, ids=args.ids, test_ids=args.test_ids, seed=args.seed,
-        height=args.height, width=args.width,
-    )
-    _print_metrics(stats)
+    from .data.synthetic import write_domain
+
+    _claim_out(args, SYNTHETIC_DATA)
+    _print_metrics(write_domain(args.domain, args.out, ids=args.ids, test_ids=args.test_ids, seed=args.seed,
+                                height=args.height, width=args.width))
     return 0
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    return _call("lf2core.data.datasets", "check_main")(args.root, args.format, open_images=not args.no_images)
+    from .data.datasets import check_main
 
-
-def _prepare(args: argparse.Namespace) -> int:
-    _print_metrics(_call("lf2core.stages.prepare", "prepare_data")(_cfg(args), args.out))
-    return 0
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    _print_metrics(_call("lf2core.stages.pretrain", "pretrain_source")(_cfg(args), args.data, args.out))
-    return 0
-
-
-def _extract(args: argparse.Namespace) -> int:
-    _print_metrics(
-        _call("lf2core.stages.extract", "extract_features")(_cfg(args), args.data, args.model, args.out, split=args.split)
-    )
-    return 0
-
-
-def _cluster(args: argparse.Namespace) -> int:
-    _print_metrics(_call("lf2core.stages.cluster", "cluster")(_cfg(args), args.features, args.out, round_index=args.round))
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    _print_metrics(
-        _call("lf2core.stages.finetune", "finetune")(
-            _cfg(args), args.data, args.labels, args.model, args.out, round_index=args.round
-        )
-    )
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    _print_metrics(_call("lf2core.stages.evaluate", "evaluate")(_cfg(args), args.data, args.model, args.out))
-    return 0
-
-
-def _register(args: argparse.Namespace) -> int:
-    _print_metrics(
-        _call("lf2core.stages.register", "register")(_cfg(args), args.model, args.metrics, run_id=args.run_id)
-    )
-    return 0
+    return check_main(args.root, args.format, open_images=not args.no_images, role=args.role)
 
 
 def _promote(args: argparse.Namespace) -> int:
-    return _call("lf2core.tracking", "promote_main")(
-        version=args.version, alias=args.alias, min_map=args.min_map, force=args.force, model_name=args.model_name,
-        tracking_uri=args.tracking_uri,
-    )
+    from .tracking import promote_main
+
+    return promote_main(version=args.version, alias=args.alias, min_map=args.min_map, force=args.force,
+                        model_name=args.model_name, tracking_uri=args.tracking_uri)
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    _print_metrics(_call("lf2core.stages.run_local", "run_local")(
-        _cfg(args), args.out, data=args.data, source_model=args.source_model, eval_every=args.eval_every)["metrics"])
+    from .stages.run_local import run_local
+
+    _claim_out(args, "")
+    _print_metrics(run_local(args.cfg, args.out, data=args.data, source_model=args.source_model,
+                             eval_every=args.eval_every)["metrics"])
     return 0
 
 
-def _pipeline(args: argparse.Namespace) -> int:
-    # lf2core never imports kfp itself: the pipeline package owns that dependency.
-    return _call("pipelines.cli", "main")(args.pipeline_args)
-
-
 # ----------------------------------------------------------------------------------------- parser
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds other files (lf2 never deletes files it did not write; "
+                        "without this flag such an --out is refused)")
+
+
 def _add_cfg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="demo", help="recipe name in configs/ or a YAML path (default: demo)")
     p.add_argument(
@@ -117,15 +121,26 @@ def _add_cfg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lf2", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_stage(sub: Any, stage: Stage) -> None:
+    """``lf2 <stage.command>``: ``--<input>`` per input location, ``--out`` (+ ``--overwrite``), params."""
+    p = sub.add_parser(stage.command, help=stage.help)
+    _add_cfg(p)
+    for port in stage.inputs:
+        p.add_argument(f"--{port.name}", required=True, help=port.help or None)
+    if stage.output is not None:
+        p.add_argument("--out", required=True)
+        _add_overwrite(p)
+    for prm in stage.params:
+        p.add_argument(prm.flag, dest=prm.name, type=prm.type, default=prm.default, help=prm.help or None)
+    p.set_defaults(func=lambda args, s=stage: _run_stage(s, args))
 
+
+def _add_data(sub: Any) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write one synthetic domain in the Market-1501 layout")
     p.add_argument("--domain", choices=["a", "b"], required=True)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--ids", type=int, default=200, help="training identities (default 200)")
     p.add_argument("--test-ids", type=int, default=100, help="query/gallery identities (default 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -136,57 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root")
     p.add_argument("--format", default=None, help="market1501 | dukemtmc | msmt17 | folder (default: detect)")
     p.add_argument("--no-images", action="store_true", help="parse names only, do not open images")
+    p.add_argument("--role", choices=["source", "target"], default="target",
+                   help="hold the splits to prepare-data's rules for this domain (default: target, which "
+                        "needs train, query and gallery; a source needs a labelled train split)")
     p.set_defaults(func=_data_check)
 
-    p = sub.add_parser("prepare", help="stage prepare-data: write the dataset manifest (and synthetic data)")
-    _add_cfg(p)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("pretrain", help="stage pretrain-source: supervised training on the source domain")
-    _add_cfg(p)
-    p.add_argument("--data", required=True, help="prepare-data output (manifest directory)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_pretrain)
-
-    p = sub.add_parser("extract", help="stage extract-features: fusion features of a split")
-    _add_cfg(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True, help="pretrain or finetune output")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="target_train")
-    p.set_defaults(func=_extract)
-
-    p = sub.add_parser("cluster", help="stage cluster: pseudo labels from the three feature sets")
-    _add_cfg(p)
-    p.add_argument("--features", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=0)
-    p.set_defaults(func=_cluster)
-
-    p = sub.add_parser("finetune", help="stage finetune: one round of mean-teacher training")
-    _add_cfg(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--labels", required=True)
-    p.add_argument("--model", required=True, help="pretrain output (round 0) or previous finetune output")
-    p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=0)
-    p.set_defaults(func=_finetune)
-
-    p = sub.add_parser("evaluate", help="stage evaluate: mAP/CMC of the teacher on the target test split")
-    _add_cfg(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_evaluate)
-
-    p = sub.add_parser("register", help="stage register: log the teacher to MLflow and register it")
-    _add_cfg(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--metrics", required=True, help="evaluate output")
-    p.add_argument("--run-id", default=None, help="MLflow run to attach to (default: a new run)")
-    p.set_defaults(func=_register)
-
+def _add_promote(sub: Any) -> None:
     p = sub.add_parser("promote", help="move the champion alias to a better registered version")
     p.add_argument("--version", default=None, help="version to promote (default: the 'candidate' alias)")
     p.add_argument("--alias", default="champion")
@@ -196,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_promote)
 
+
+def _add_run_local(sub: Any) -> None:
     p = sub.add_parser("run-local", help="the whole method in one process (prepare .. evaluate)")
     _add_cfg(p)
     p.add_argument("--out", required=True)
+    _add_overwrite(p)
     p.add_argument("--data", default=None, help="existing prepare-data output (default: prepare it)")
     p.add_argument("--source-model", default=None, help="existing pretrain output (default: pretrain)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
@@ -206,14 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "used to select anything; default 0 = only the final teacher)")
     p.set_defaults(func=_run_local)
 
-    p = sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", add_help=False)
-    p.add_argument("pipeline_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_pipeline)
+
+def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
+    """The ``lf2`` parser: data tools, one sub-command per stage of the table, promote, run-local, and the
+    ``commands`` of packages above lf2core."""
+    parser = argparse.ArgumentParser(prog="lf2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    for stage in STAGES:
+        _add_stage(sub, stage)
+    _add_promote(sub)
+    _add_run_local(sub)
+    for cmd in commands:
+        cmd.add(sub)
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[list[str]] = None, commands: Sequence[Command] = ()) -> int:
+    """Run ``lf2`` with ``argv`` (default: ``sys.argv[1:]``); ``commands``: see ``Command``."""
+    args = build_parser(commands).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -227,7 +213,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 storage.set_cache_dir(args.cfg.data.cache_dir)
         return int(args.func(args) or 0)
     except (Lf2Error, ConfigError) as e:
-        print(f"lf2: error: {e}", file=sys.stderr)
+        print(f"lf2: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused: read-only, full disk, a path under a file ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lf2: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lf2: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Batched feature extraction (no grad, flip averaging, channels_last + autocast on CUDA) and ranking.
+"""Batched feature extraction (no grad, flip averaging, channels_last + autocast on CUDA) and evaluation.
 
 ``extract(model_fn, loader, device, flip=True)`` runs ``model_fn`` over every batch of ``loader`` (items
 ``(images [B,3,H,W], pids [B], camids [B], indices [B])`` as ``lf2core.data.loaders.test_loader`` gives)
@@ -11,7 +11,6 @@ flip" rule. Result: ``{name: float32 [N, D], "pids": int64 [N], "camids": int64 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -21,21 +20,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .runtime import DevicePolicy
+
 log = logging.getLogger(__name__)
 
 ModelFn = Callable[[torch.Tensor], Any]
+RANK_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 
 
 def progress_enabled() -> bool:
     """tqdm bars unless ``LF2_PROGRESS=0``."""
     return os.environ.get("LF2_PROGRESS", "1") not in ("0", "false", "no")
-
-
-def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """float16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU runs in float32)."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def _named(out: Any) -> dict[str, torch.Tensor]:
@@ -63,9 +58,10 @@ def extract(
     ``channels_last`` defaults to True on CUDA (the model should be converted by the caller with
     ``model.to(memory_format=torch.channels_last)`` for full effect).
     """
-    device = torch.device(device)
+    policy = DevicePolicy(device, amp)
+    device = policy.device
     if channels_last is None:
-        channels_last = device.type == "cuda"
+        channels_last = policy.channels_last
     total = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[attr-defined]
     chunks: dict[str, list[torch.Tensor]] = {}
     pids, camids, indices = [], [], []
@@ -79,7 +75,7 @@ def extract(
                 x = torch.cat([x, torch.flip(x, dims=[3])], dim=0)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
+            with policy.autocast():
                 outs = _named(model_fn(x))
             for name, t in outs.items():
                 t = t.float()
@@ -109,28 +105,6 @@ def extract(
     return result
 
 
-def rank_metrics(
-    q_feat: np.ndarray,
-    g_feat: np.ndarray,
-    q_pids: np.ndarray,
-    g_pids: np.ndarray,
-    q_camids: np.ndarray,
-    g_camids: np.ndarray,
-    max_rank: int = 50,
-) -> dict[str, float]:
-    """mAP / R1 / R5 / R10 / mINP (fractions) of query vs gallery features (squared Euclidean)."""
-    from .evaluation import evaluate_rank, pairwise_distance
-
-    dist = pairwise_distance(q_feat, g_feat)
-    r = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
-    cmc = np.asarray(r["cmc"])
-
-    def at(k: int) -> float:
-        return float(cmc[min(k, len(cmc)) - 1]) if len(cmc) else 0.0
-
-    return {"mAP": float(r["mAP"]), "R1": at(1), "R5": at(5), "R10": at(10), "mINP": float(r["mINP"])}
-
-
 def evaluate_samples(
     model_fn: ModelFn,
     query: Sequence[Any],
@@ -144,8 +118,10 @@ def evaluate_samples(
     flip: bool = True,
     desc: str = "eval",
 ) -> dict[str, float]:
-    """Rank metrics of ``model_fn`` (single-tensor output) on query/gallery ``Sample`` lists."""
+    """``mAP``, ``R1``, ``R5``, ``R10``, ``mINP`` (fractions; ``lf2core.evaluation.evaluate_features``,
+    squared Euclidean) of ``model_fn`` (single-tensor output) on query/gallery ``Sample`` lists."""
     from .data.loaders import test_loader
+    from .evaluation import evaluate_features
     from .data.transforms import test_transform
 
     tf = test_transform(height, width)
@@ -154,4 +130,5 @@ def evaluate_samples(
         loader = test_loader(list(samples), tf, batch_size, num_workers)
         feats.append(extract(model_fn, loader, device, flip=flip, amp=amp, desc=f"{desc} {name}"))
     q, g = feats
-    return rank_metrics(q["features"], g["features"], q["pids"], g["pids"], q["camids"], g["camids"])
+    r = evaluate_features(q["features"], g["features"], q["pids"], g["pids"], q["camids"], g["camids"], max_rank=50)
+    return {k: float(r[k]) for k in RANK_METRICS}

@@ -1,9 +1,11 @@
-"""Device choice and seeding shared by all training stages."""
+"""Device choice, the device/precision policy and seeding shared by all stages."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,3 +29,58 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+# ------------------------------------------------------------------------------------------ precision
+class DevicePolicy:
+    """Where a stage computes and in which precision: the one place that looks at the device type.
+
+    From ``cfg.device`` and ``cfg.amp``. On CPU everything runs in float32, contiguous. On CUDA:
+    channels_last memory format for models and image batches, and with ``amp``:
+
+    - ``autocast()``: float16 autocast (feature extraction, evaluation, source pretraining, whose loss is
+      scaled by ``grad_scaler()``);
+    - ``step_autocast_dtype()`` / ``step_scaler()``: the fine-tuning step's autocast, bfloat16 where the
+      GPU supports it (no scaler), else float16 with a ``GradScaler``.
+    """
+
+    def __init__(self, device: torch.device | str, amp: bool = True) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.amp = bool(amp) and self.cuda  # mixed precision only on CUDA
+        self.channels_last = self.cuda
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DevicePolicy":
+        return cls(select_device(cfg.device), cfg.amp)
+
+    def model(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` on the device (channels_last on CUDA)."""
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch [B,3,H,W] on the device (channels_last on CUDA)."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, self.amp)
+
+    def grad_scaler(self) -> Any:
+        return torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def step_autocast_dtype(self) -> Optional[torch.dtype]:
+        if not self.amp:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def step_scaler(self) -> Any:
+        return torch.amp.GradScaler("cuda") if self.step_autocast_dtype() == torch.float16 else None
+
+
+def autocast_context(device: torch.device | str, amp: bool) -> contextlib.AbstractContextManager:
+    """float16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU runs in float32)."""
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()

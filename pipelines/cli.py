@@ -1,4 +1,4 @@
-"""``lf2 pipeline compile | run | submit``.
+"""``lf2 pipeline compile | run | submit``, and the ``lf2`` console script (``lf2_main``).
 
     lf2 pipeline compile --out lf2.yaml [--target local|kubeflow] [--gpus N] [--image IMG] [-c RECIPE] [--rounds N]
     lf2 pipeline run --out runs/p1 [-c RECIPE] [-s key=value ...] [--object-prefix s3://b/p] [--experiment E]
@@ -13,6 +13,10 @@ synthetic or in S3.
 
 The number of rounds is unrolled at compile time: it defaults to ``finetune.rounds`` of the recipe after
 the overrides, and the compiled pipeline refuses a config asking for another number.
+
+``lf2_main`` is the ``lf2`` command: the stage commands of ``lf2core.cli`` plus ``lf2 pipeline``, added here
+as an ``lf2core.cli.Command`` -- this package sits above lf2core and may import both; lf2core never
+imports it (nor kfp).
 """
 
 import argparse
@@ -27,6 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from lf2core import cli as lf2_cli
+from lf2core.cli import Command
 from lf2core.config import load_config
 from lf2core.errors import Lf2Error
 
@@ -120,7 +126,7 @@ def docker_runner(image: str, pipeline_root: Path, workspace: Path, tracking_uri
     return local.DockerRunner(network_mode="host", user=run_as, environment=env)
 
 
-def run_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
+def run_pipeline_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
               run_name: str = "", source_root: str = "", target_root: str = "", resume_run_id: str = "",
               cache: bool = True, image: Optional[str] = None, runner: str = "subprocess") -> dict[str, Any]:
     """Run the pipeline locally with kfp.local: ``runner="subprocess"`` (``SubprocessRunner`` in this
@@ -191,7 +197,10 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    res = run_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
+    from lf2core import tracking
+
+    tracking.check_reachable(load_config(args.config, args.set))  # before any task starts
+    res = run_pipeline_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
                     experiment=args.experiment or "", run_name=args.run_name or "", source_root=args.source_root or "",
                     target_root=args.target_root or "", resume_run_id=args.resume_run_id or "",
                     cache=not args.no_cache, image=args.image, runner=args.runner)
@@ -230,10 +239,28 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+PIPELINE_HELP = ("Compile the LF2 pipeline for Kubeflow, run it locally (kfp.local), or submit it to a Kubeflow "
+                 "Pipelines endpoint.")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """The ``lf2 pipeline`` parser (filled into ``parser`` when given: the ``lf2`` command's sub-parser)."""
     from components.stages import DEFAULT_IMAGE
 
-    parser = argparse.ArgumentParser(prog="lf2 pipeline", description=__doc__.split("\n\n")[0])
+    parser = parser or argparse.ArgumentParser(prog="lf2 pipeline", description=PIPELINE_HELP)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     def cfg_args(p: argparse.ArgumentParser) -> None:
@@ -254,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--target", choices=["local", "kubeflow"], default="kubeflow")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per training task (kubeflow target)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds to unroll (default: finetune.rounds)")
-    p.add_argument("--retries", type=int, default=None, help="retries per task (default 2 kubeflow, 0 local)")
+    p.add_argument("--gpus", type=_at_least(0), default=1, help="GPUs per training task (kubeflow target)")
+    p.add_argument("--rounds", type=_at_least(1), default=None, help="rounds to unroll (default: finetune.rounds)")
+    p.add_argument("--retries", type=_at_least(0), default=None, help="retries per task (default 2 kubeflow, 0 local)")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="run the pipeline locally (kfp.local: subprocesses in this venv, or containers)")
@@ -274,18 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=None)
     p.add_argument("--package", default=None, help="compiled YAML (default: compile now for kubeflow)")
     p.add_argument("--kfp-experiment", default="lf2", help="KFP experiment name")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--retries", type=int, default=None)
+    p.add_argument("--gpus", type=_at_least(0), default=1)
+    p.add_argument("--rounds", type=_at_least(1), default=None)
+    p.add_argument("--retries", type=_at_least(0), default=None)
     p.set_defaults(func=_submit)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """``lf2 pipeline ARGS``."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
+def _add_pipeline_command(sub: Any) -> None:
+    build_parser(sub.add_parser("pipeline", help="compile | run | submit the KFP pipeline", description=PIPELINE_HELP))
+
+
+PIPELINE_COMMAND = Command("pipeline", _add_pipeline_command)
+
+
+def lf2_main(argv: Optional[list[str]] = None) -> int:
+    """The ``lf2`` console script: ``lf2core.cli.main`` with the ``pipeline`` command."""
+    return lf2_cli.main(argv, commands=[PIPELINE_COMMAND])
+
+
 if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    sys.exit(lf2_main())

@@ -65,7 +65,7 @@ def _count_objects(bucket: str) -> tuple[int, int]:
 def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Optional[list[str]] = None,
              cache: bool = True, runner: str = "subprocess", image: Optional[str] = None) -> dict[str, Any]:
     from lf2core import tracking
-    from pipelines.cli import run_local
+    from pipelines.cli import run_pipeline_local
 
     t0 = time.time()
     outp = Path(out).resolve()
@@ -89,9 +89,9 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
         print(f"running the lf2-uda pipeline locally (kfp.local, {how}), recipe {recipe} {' '.join(overrides)}",
               flush=True)
         tag = "-docker" if runner == "docker" else ("-s3" if use_s3 else "")
-        res = run_local(recipe, overrides, str(outp), object_prefix=object_prefix, experiment="lf2-demo",
-                        run_name=f"demo{tag}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache, runner=runner,
-                        image=image)
+        res = run_pipeline_local(recipe, overrides, str(outp), object_prefix=object_prefix, experiment="lf2-demo",
+                                 run_name=f"demo{tag}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache,
+                                 runner=runner, image=image)
         decision = tracking.promote(version=res["version"] or None, alias="champion",
                                     tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
         aliases = tracking.describe_aliases("lf2-reid", os.environ["MLFLOW_TRACKING_URI"])

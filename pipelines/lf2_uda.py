@@ -12,9 +12,10 @@ hit the KFP cache).
 Targets: ``local`` (kfp.local; no Kubernetes settings) and ``kubeflow`` (kfp-kubernetes: GPU accelerator
 type and limit on the training stages, CPU/memory requests and limits, S3 and MLflow credentials from
 Kubernetes secrets as environment variables, ``/dev/shm`` as a memory emptyDir, image pull policy).
-Caching is on except for ``resolve-config`` (its output must follow the recipe file and the code, not
-only the recipe's name: it carries the code fingerprint, see ``components._runtime.resolve_config``),
-``start-run`` and ``register``; every task retries on failure with backoff.
+Per-stage GPU, resource class and caching come from the stage table (``lf2core.stages.table``): caching is
+on except for ``register`` (not cacheable there), ``resolve-config`` (its output must follow the recipe
+file and the code, not only the recipe's name: it carries the code fingerprint, see
+``components._runtime.resolve_config``) and ``start-run``; every task retries on failure with backoff.
 """
 
 
@@ -24,10 +25,9 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 from kfp import compiler, dsl
 
 from components.stages import DEFAULT_IMAGE, build_components
+from lf2core.stages.table import BY_NAME, GPU_STAGES, STAGES
 
-STAGE_COMPONENTS = ("prepare-data", "pretrain-source", "extract-features", "cluster", "finetune", "evaluate",
-                    "register")
-GPU_STAGES = ("pretrain-source", "extract-features", "finetune", "evaluate")
+STAGE_COMPONENTS = tuple(s.name for s in STAGES)  # + resolve-config and start-run (pipeline plumbing, light)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class KubeSettings:
 def _kube(task: dsl.PipelineTask, stage: str, ks: KubeSettings, image: str) -> None:
     from kfp import kubernetes
 
-    heavy = stage not in ("resolve-config", "start-run", "register")
+    heavy = stage in BY_NAME and BY_NAME[stage].resources != "light"  # resolve-config, start-run: light
     if heavy:
         task.set_cpu_request(ks.cpu_request).set_cpu_limit(ks.cpu_limit)
         task.set_memory_request(ks.memory_request).set_memory_limit(ks.memory_limit)
@@ -90,7 +90,7 @@ def build_pipeline(
     n_retries = (2 if target == "kubeflow" else 0) if retries is None else retries
 
     def setup(task: dsl.PipelineTask, stage: str, display: Optional[str] = None, cache: bool = True) -> dsl.PipelineTask:
-        task.set_caching_options(cache)
+        task.set_caching_options(cache and (stage not in BY_NAME or BY_NAME[stage].cacheable))
         if display:
             task.set_display_name(display)
         if n_retries > 0:
@@ -134,8 +134,8 @@ def build_pipeline(
             model = ft.outputs["finetuned"]
         ev = setup(c.evaluate(config=config, object_prefix=object_prefix, run_id=run_id, data=data, model=model),
                    "evaluate")
-        reg = setup(c.register(config=config, run_id=run_id, model=model, results=ev.outputs["results"]),
-                    "register", cache=False)
+        reg = setup(c.register(config=config, run_id=run_id, model=model, metrics=ev.outputs["results"]),
+                    "register")
         outputs = NamedTuple("Outputs", [("version", str), ("run_id", str), ("metrics", dsl.Metrics)])
         return outputs(version=reg.outputs["Output"], run_id=run_id, metrics=ev.outputs["metrics"])
 

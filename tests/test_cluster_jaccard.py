@@ -1,7 +1,7 @@
 """Sparse k-reciprocal Jaccard distance + DBSCAN against a dense reference implementation.
 
 ``dense_jaccard_reference`` below is written straight from the reference semantics
-(/work/shared/docs/lf2-method.md; SpCL's ``compute_jaccard_distance``): dense N x N matrices and
+(docs/method.md, section 5; SpCL's ``compute_jaccard_distance``): dense N x N matrices and
 per-row Python loops. It is only usable for small N; bench/cluster.py also imports it to time the
 reference algorithm at Market-1501 size.
 """

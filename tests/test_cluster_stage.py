@@ -39,7 +39,7 @@ def test_stage_writes_labels_stats_png(tmp_path, method):
     assert (out / "_COMPLETE").exists() and (out / "cluster_stats.png").stat().st_size > 1000
     with np.load(out / "labels.npz") as z:
         labels = {k: z[k] for k in z.files}
-    assert set(labels) == {"global", "upper", "lower"}
+    assert set(labels) == {"global", "upper", "lower", "centroids"}
     stats = json.loads((out / "stats.json").read_text())
     assert stats["round"] == 2
     for name in ("global", "upper", "lower"):

@@ -96,3 +96,104 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
                      "epochs_per_round, fusion_loss_weight, iters_per_epoch, label_smoothing, lr, num_instances, "
                      "part_loss_weight, random_erasing, rounds, variant, weight_decay)"]
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ value ranges
+def _out_of_range_values(rng: dict) -> list:
+    """Values just outside a declared range (hand-derived from its bounds)."""
+    if rng["choices"]:
+        return ["not-a-choice" if isinstance(rng["choices"][0], str) else max(rng["choices"]) + 1]
+    if rng["pattern"]:
+        return ["  "]
+    out = []
+    for bound, step in (("ge", -1), ("gt", 0), ("le", +1), ("lt", 0)):
+        if rng[bound] is not None:
+            out.append(rng[bound] + step if isinstance(rng[bound], int) and step else rng[bound] + step)
+    return out
+
+
+def _ranged_keys() -> list[tuple[str, dict]]:
+    import dataclasses
+
+    from lf2core.config import Config
+
+    keys = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            elif "range" in f.metadata:
+                keys.append((prefix + f.name, f.metadata["range"]))
+
+    walk(Config(), "")
+    return keys
+
+
+def test_every_ranged_key_rejects_values_outside_its_range_by_name():
+    keys = _ranged_keys()
+    assert len(keys) >= 50  # every numeric/choice key of the recipes is declared with its range
+    tried = 0
+    for key, rng in keys:
+        for bad in _out_of_range_values(rng):
+            value = f"[{bad}]" if key == "pretrain.milestones" else repr(bad) if isinstance(bad, str) else bad
+            with pytest.raises(ConfigError, match=rf"config key '{key}': "):
+                load_config("demo", [f"{key}={value}"])
+            tried += 1
+    assert tried >= len(keys)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.lr=-0.1", "'pretrain.lr': -0.1 is out of range, valid: > 0 and <= 10"),
+    ("pretrain.epochs=-3", "'pretrain.epochs': -3 is out of range, valid: >= 1"),
+    ("finetune.rounds=-1", "'finetune.rounds': -1 is out of range, valid: >= 1"),
+    ("finetune.rounds=0", "'finetune.rounds': 0 is out of range"),
+    ("device=gpu0", "'device': 'gpu0' must match the regular expression"),
+    ("device=cuda:x", "'device': 'cuda:x' must match"),
+    ("finetune.batch_size=0", "'finetune.batch_size': 0 is out of range"),
+    ("finetune.batch_size=4", "'finetune.batch_size': 4 holds fewer than 2 identities"),
+    ("pretrain.milestones=[5, 3]", "'pretrain.milestones': [5, 3] must be strictly increasing"),
+    ("pretrain.milestones=[0]", "'pretrain.milestones': [0] is out of range"),
+    ("pretrain.warmup_epochs=20", "'pretrain.warmup_epochs': 20 is more than pretrain.epochs=12"),
+    ("model.arch=resnet101", "'model.arch': 'resnet101' is not one of resnet50 | resnet18 | resnet18_narrow"),
+    ("finetune.random_erasing=1.5", "'finetune.random_erasing': 1.5 is out of range, valid: >= 0 and <= 1"),
+    ("tracking.registered_model=a/b", "'tracking.registered_model': 'a/b' must match"),
+])
+def test_invalid_values_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert message in str(e.value)
+
+
+def test_valid_edge_values_accepted():
+    cfg = load_config("demo", ["device=cuda:1", "finetune.ema_alpha=0", "pretrain.warmup_epochs=0",
+                               "finetune.random_erasing=1.0", "cluster.k2=1", "finetune.rounds=1"])
+    assert cfg.device == "cuda:1" and cfg.finetune.ema_alpha == 0.0 and cfg.finetune.rounds == 1
+
+
+def test_config_archs_match_the_backbones():
+    from lf2core.config import MODEL_ARCHS
+    from lf2core.models.backbone import ARCHS
+
+    assert MODEL_ARCHS == ARCHS
+
+
+def test_cli_bad_value_is_one_line_nonzero(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lf2core.cli", "pretrain", "--data", str(tmp_path), "--out",
+                        str(tmp_path / "o"), "--set", "pretrain.epochs=-3"], capture_output=True, text=True)
+    assert r.returncode == 2 and not (tmp_path / "o").exists()
+    assert r.stderr.strip().splitlines() == [
+        "lf2: error: config key 'pretrain.epochs': -3 is out of range, valid: >= 1"]
+
+
+def test_docs_config_lists_every_key_with_its_range():
+    from pathlib import Path
+
+    from lf2core.config import describe_keys, keys_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    rows = keys_markdown().splitlines()
+    assert len(rows) == len(describe_keys()) + 2
+    for row in rows:
+        assert row in doc, f"docs/config.md lacks or misstates: {row}"

@@ -25,7 +25,7 @@ import docker  # noqa: E402
 import mlflow  # noqa: E402
 
 from lf2core import tracking  # noqa: E402
-from pipelines.cli import run_local  # noqa: E402
+from pipelines.cli import run_pipeline_local  # noqa: E402
 from tests.test_pipeline_e2e import STAGES, TINY  # noqa: E402
 
 IMAGE = os.environ.get("LF2_IMAGE", "")
@@ -143,9 +143,9 @@ def test_pipeline_in_containers_equals_the_subprocess_run(engine: docker.DockerC
     results = {}
     for runner in ("docker", "subprocess"):
         prefix = f"s3://{s3_env}/{runner}"
-        results[runner] = run_local("demo", overrides, str(tmp_path / runner), object_prefix=prefix,
-                                    experiment=f"ct-{runner}", run_name=f"ct-{runner}", cache=False, runner=runner,
-                                    image=IMAGE)
+        results[runner] = run_pipeline_local("demo", overrides, str(tmp_path / runner), object_prefix=prefix,
+                                             experiment=f"ct-{runner}", run_name=f"ct-{runner}", cache=False,
+                                             runner=runner, image=IMAGE)
     dock, sub = results["docker"], results["subprocess"]
     printed = capfd.readouterr()
     assert dock["runner"] == "docker" and dock["image"] == IMAGE

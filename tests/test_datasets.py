@@ -497,13 +497,13 @@ def test_write_manifest_rejects_paths_outside_root(tmp_path: Path) -> None:
 def test_s3_root_and_manifest(tmp_path: Path, s3_env: str) -> None:
     make_tree(tmp_path / "market", MARKET)
     uri = f"s3://{s3_env}/datasets/market"
-    storage.copy_tree(str(tmp_path / "market"), uri)
+    storage.copy_tree(str(tmp_path / "market"), uri, "dataset-copy")
     s = datasets.load("market1501", uri)
     assert s.root == uri
     assert rel(s, "gallery", Path(s.local_root)) == rel(datasets.load("market1501", tmp_path / "market"),
                                                        "gallery", tmp_path / "market")
     out = f"s3://{s3_env}/runs/prepare"
-    with storage.output_dir(out) as d:
+    with storage.output_dir(out, "prepare-data") as d:
         manifest.write_manifest(d, s, s)
     m = manifest.read_manifest(out)
     assert m["source"].root == uri
@@ -512,3 +512,46 @@ def test_s3_root_and_manifest(tmp_path: Path, s3_env: str) -> None:
     # written straight to an s3:// prefix as well
     manifest.write_manifest(f"s3://{s3_env}/direct", s, s)
     assert manifest.read_manifest(f"s3://{s3_env}/direct/manifest.json")["target"].query == m["target"].query
+
+
+# ------------------------------------------------------------------------------ data check == prepare's rules
+@pytest.mark.parametrize("case", ["ok", "empty_query", "empty_train", "empty_tree", "unlabelled_source"])
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_data_check_agrees_with_prepare(tmp_path: Path, case: str, role: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``lf2 data check --role R`` reports a problem exactly when prepare-data refuses the data as R."""
+    from lf2core.config import load_config
+    from lf2core.stages.prepare import prepare_data
+
+    root = tmp_path / "data"
+    files = {"train/0001": ["a_c1.jpg", "b_c2.jpg"], "train/0002": ["c_c1.jpg", "d_c2.jpg"],
+             "query/0001": ["e_c1.jpg"], "gallery/0001": ["f_c2.jpg"], "gallery/0002": ["g_c2.jpg"]}
+    if case == "empty_query":
+        files = {k: v for k, v in files.items() if not k.startswith("query")}
+        (root / "query").mkdir(parents=True)
+    if case == "empty_train":
+        files = {k: v for k, v in files.items() if not k.startswith("train")}
+        (root / "train").mkdir(parents=True)
+    if case == "empty_tree":
+        files = {}
+        for d in ("train", "query", "gallery"):
+            (root / d).mkdir(parents=True)
+    if case == "unlabelled_source":
+        files["train"] = ["loose_c1.jpg"]
+    make_tree(root, files)
+    checked = datasets.check_main(str(root), "folder", role=role)
+    out = capsys.readouterr().out
+    other = "target" if role == "source" else "source"
+    cfg = load_config("demo", [f"data.{role}.name=folder", f"data.{role}.root={root}",
+                               f"data.{other}.name=folder", f"data.{other}.root={tmp_path / 'other'}"])
+    make_tree(tmp_path / "other", {"train/0001": ["a_c1.jpg", "b_c2.jpg"], "train/0002": ["c_c1.jpg"],
+                                   "query/0001": ["e_c1.jpg"], "gallery/0001": ["f_c2.jpg"]})
+    try:
+        prepare_data(cfg, str(tmp_path / "prep"))
+        refused = None
+    except DataError as e:
+        refused = str(e)
+    assert (checked == 1) == (refused is not None), (out, refused)
+    if refused:
+        reason = refused.split(": ", 1)[1]
+        assert f"PROBLEM as a {role} domain: {reason}" in out

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).parent / "hadolint"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 NO_ENGINE = {"DOCKER_HOST": "unix:///nonexistent/lf2-test-docker.sock"}
+LF2 = [sys.executable, "-c", "import sys; from pipelines.cli import lf2_main; sys.exit(lf2_main())"]  # `lf2`
 
 
 def _hadolint() -> str:
@@ -91,7 +92,7 @@ def test_tags_and_build_context() -> None:
     assert [i["image"] for i in _plan("--repo", "reg.example/ml/lf2", "--variant", "gpu")] == [
         base.replace("lf2:", "reg.example/ml/lf2:", 1) + "-gpu"]
     files = set(items[0]["context_files"])
-    needed = {"pyproject.toml", "README.md", "LICENSE", "lf2core/__init__.py", "lf2core/storage.py",
+    needed = {"pyproject.toml", "README.md", "LICENSE", "lf2core/__init__.py", "lf2core/storage/__init__.py",
               "components/stages.py", "components/image.py", "pipelines/lf2_uda.py", "lf2core/configs/demo.yaml",
               "docker/Dockerfile", "docker/requirements-cpu.lock", "docker/requirements-gpu.lock"}
     assert needed <= files
@@ -170,8 +171,7 @@ def test_compile_uses_the_make_images_tag_by_default(tmp_path: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "LF2_IMAGE"}
     out = tmp_path / "p.yaml"
-    r = subprocess.run([sys.executable, "-m", "lf2core.cli", "pipeline", "compile", "--out", str(out), "-s",
-                        "finetune.rounds=1"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(LF2 + ["pipeline", "compile", "--out", str(out), "-s", "finetune.rounds=1"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     images = set(re.findall(r"^\s+image: (\S+)$", out.read_text(), re.M))
     assert images == {image_tag("cpu")}
@@ -191,10 +191,9 @@ def test_build_without_an_engine_fails_in_one_line() -> None:
     assert "docker/engine.sh start" in line
 
 
-def test_pipeline_run_docker_without_an_engine_or_server_fails_in_one_line(tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "lf2core.cli", "pipeline", "run", "--runner", "docker", "--out", str(tmp_path / "p"),
-            "--image", "lf2:does-not-matter"]
-    env = {**os.environ, **NO_ENGINE, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+def test_pipeline_run_docker_without_an_engine_or_server_fails_in_one_line(tmp_path: Path, mlflow_server: str) -> None:
+    base = LF2 + ["pipeline", "run", "--runner", "docker", "--out", str(tmp_path / "p"), "--image", "lf2:does-not-matter"]
+    env = {**os.environ, **NO_ENGINE, "MLFLOW_TRACKING_URI": mlflow_server}  # a real server: only the engine is missing
     r = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
     assert "--runner docker: no Docker engine answers at unix:///nonexistent" in _one_error_line(r.stderr, "lf2")

@@ -2,7 +2,7 @@
 
 References written here: a plain-loop per-query evaluator (tie rule: distance, then gallery index),
 sklearn's average_precision_score, hand-computed tiny cases, a brute-force pairwise distance and a dense
-numpy k-reciprocal re-ranking written from the semantics in docs (lf2-method.md).
+numpy k-reciprocal re-ranking written from the semantics in docs/method.md (section 5).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sklearn.metrics import average_precision_score
 
 from lf2core import evaluation as ev
 from lf2core.errors import Lf2Error
+from lf2core.evaluation import ranking
 
 
 # ----------------------------------------------------------------------------- brute-force reference
@@ -124,8 +125,8 @@ def test_ties_are_broken_by_gallery_index(dtype):
 
 @pytest.mark.parametrize("force_sort", [False, True])
 def test_both_ranking_paths_match_brute_force_on_float32_ties(monkeypatch, force_sort):
-    # float32 normally takes the searchsorted path; _FORCE_SORT makes it sort whole rows instead
-    monkeypatch.setattr(ev, "_FORCE_SORT", force_sort)
+    # float32 normally takes the searchsorted path; ranking._FORCE_SORT makes it sort whole rows instead
+    monkeypatch.setattr(ranking, "_FORCE_SORT", force_sort)
     distmat, q_pids, g_pids, q_camids, g_camids = random_problem(8, nq=31, ng=90, dtype=np.float32)
     distmat = np.round(distmat * 1.5).astype(np.float32)
     distmat[:, ::7] = -0.0  # -0.0 ties with 0.0
@@ -250,7 +251,7 @@ def test_pairwise_distance_brute_force():
 
 # ------------------------------------------------------------------------------------------- rerank
 def dense_jaccard(x, k1, k2):
-    """Dense reference of lf2-method.md's k-reciprocal Jaccard distance (x: [N, d], unit rows)."""
+    """Dense reference of docs/method.md's k-reciprocal Jaccard distance (x: [N, d], unit rows)."""
     n = len(x)
     sim = x @ x.T
     rank = np.argsort(-sim, axis=1, kind="stable")

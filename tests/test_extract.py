@@ -15,7 +15,8 @@ from lf2core.data.manifest import read_manifest, split
 from lf2core.data.transforms import test_transform as make_test_transform
 from lf2core.errors import CheckpointError
 from lf2core.features import extract
-from lf2core.models import SourceModel, build_target_model, save_mean_teacher
+from lf2core.artifacts import write_mean_teacher
+from lf2core.models import SourceModel, build_target_model
 from lf2core.stages.extract import extract_features, feature_names
 from test_pretrain import make_tiny_data, tiny_cfg
 
@@ -96,7 +97,7 @@ def test_extract_stage_from_finetune_output(tiny):
     mt.train()
     with torch.no_grad():  # move teacher/fuse BN running stats
         mt.fusion_features(torch.randn(8, 3, 32, 16))
-    save_mean_teacher(mt, str(tmp / "ft"), cfg)
+    write_mean_teacher(str(tmp / "ft"), mt, cfg)
     extract_features(cfg, str(data), str(tmp / "ft"), str(tmp / "feat1"), split="target_query")
     samples = split(read_manifest(str(data)), "target_query")
     z = np.load(tmp / "feat1" / "features.npz")

@@ -17,18 +17,18 @@ from torch import nn
 from lf2core.checkpoint import load_checkpoint, save_checkpoint
 from lf2core.data.manifest import read_manifest, split
 from lf2core.errors import DataError
-from lf2core.models import LF2Output, SourceModel, build_target_model, load_target_model
-from lf2core.trainers import (
+from lf2core.artifacts import read_model
+from lf2core.cluster import class_centroids, training_labels
+from lf2core.models import LF2Output, SourceModel, build_target_model
+from lf2core.training import (
     Criteria,
     Finetuner,
     StepSettings,
-    class_centroids,
     fast_step,
     ghost_batchnorm,
     global_step,
     lf2_loss,
     make_optimizer,
-    prepare_label_sets,
     reference_step,
     round_loaders,
 )
@@ -253,24 +253,24 @@ def test_global_step_counts_across_rounds():
 
 
 # ----------------------------------------------------------------------------------------- labels
-def test_prepare_label_sets_policies_and_renumbering():
+def test_training_labels_policies_and_renumbering():
     raw = {"global": np.array([5, 5, -1, 2, 2, 9, -1]), "upper": np.array([0, 1, -1, 1, 0, -1, 0]),
            "lower": np.array([3, 3, 3, -1, 4, 4, 4])}
-    sets, g = prepare_label_sets(raw, "drop")
-    assert g == 3 and sets[0].tolist() == [1, 1, -1, 0, 0, 2, -1]
-    assert sets[1].tolist() == raw["upper"].tolist() and sets[2].tolist() == raw["lower"].tolist()
-    sets, g = prepare_label_sets(raw, "singleton")
-    assert g == 5 and sets[0].tolist() == [1, 1, 3, 0, 0, 2, 4]
-    assert (sets[1] >= 0).all() and len(set(sets[1][[2, 5]])) == 2
-    sets, g = prepare_label_sets(raw, "drop", variant="mt_global")
-    assert len(sets) == 1 and g == 3
+    sets, g = training_labels(raw, "drop")
+    assert g == 3 and sets["global"].tolist() == [1, 1, -1, 0, 0, 2, -1]
+    assert sets["upper"].tolist() == raw["upper"].tolist() and sets["lower"].tolist() == raw["lower"].tolist()
+    sets, g = training_labels(raw, "singleton")
+    assert g == 5 and sets["global"].tolist() == [1, 1, 3, 0, 0, 2, 4]
+    assert (sets["upper"] >= 0).all() and len(set(sets["upper"][[2, 5]])) == 2
+    sets, g = training_labels({"global": raw["global"]}, "drop")
+    assert list(sets) == ["global"] and g == 3
 
 
 def test_class_centroids_bruteforce():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(9, 4)).astype(np.float32)
     y = np.array([0, 1, 0, -1, 2, 1, 2, 2, -1])
-    c = class_centroids(f, y, 3).numpy()
+    c = class_centroids(f, y, 3)
     for k in range(3):
         m = f[y == k].mean(0)
         assert np.allclose(c[k], m / np.linalg.norm(m), atol=1e-6)
@@ -292,8 +292,8 @@ def tiny(tmp_path_factory):
     _, ids = np.unique(pids, return_inverse=True)  # 6 ids
     labels = {"global": ids % 4, "upper": ids % 3, "lower": np.where(ids == 5, -1, ids // 2)}
     (tmp / "labels").mkdir()
-    cents = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)  # skips the extraction pass
-    np.savez(tmp / "labels" / "labels.npz", centroids_global=cents, **{k: v.astype(np.int64) for k, v in labels.items()})
+    cents = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)  # the classifier initialisation
+    np.savez(tmp / "labels" / "labels.npz", centroids=cents, **{k: v.astype(np.int64) for k, v in labels.items()})
     return tmp, data, cfg, labels
 
 
@@ -324,28 +324,39 @@ def test_round_loaders_deterministic_and_resumable(tiny):
     assert not torch.equal(full[0][0][0], other[0][0][0])  # another epoch, other batches
 
 
-def test_centroid_fallback_matches_extract_stage(tiny):
-    """Without centroids in labels.npz, finetune re-extracts the global fusion features: the same as the
-    extract stage's ``global`` features, averaged per cluster."""
+def test_cluster_centroids_are_the_global_fusion_features_of_the_model(tiny, tmp_path):
+    """The cluster stage's centroids (labels.npz) are the class means of the model's global FUSION
+    features (re-extracted here with the round's model, as finetune did before the cluster stage wrote
+    them), and finetune starts student and teacher from exactly them, renormalised."""
+    from lf2core.data.loaders import test_loader
+    from lf2core.data.transforms import test_transform
+    from lf2core.features import extract
+    from lf2core.stages.cluster import cluster
     from lf2core.stages.extract import extract_features
-    from lf2core.stages.finetune import _centroids
+    from lf2core.stages.finetune import finetune
 
     tmp, data, cfg, labels = tiny
-    feats_dir = tmp / "feats"
-    extract_features(cfg, str(data), str(tmp / "pre"), str(feats_dir))
-    with np.load(feats_dir / "features.npz") as z:
-        glob = z["global"]
+    extract_features(cfg, str(data), str(tmp / "pre"), str(tmp_path / "feats"))
+    cluster(cfg, str(tmp_path / "feats"), str(tmp_path / "labels"))
+    with np.load(tmp_path / "labels" / "labels.npz") as z:
+        got, glob_labels = z["centroids"], z["global"]
     samples = split(read_manifest(data), "target_train")
-    mt, _ = load_target_model(cfg, str(tmp / "pre"))
-    raw = {k: v for k, v in labels.items()}
-    sets, g = prepare_label_sets(raw, "drop")
-    got = _centroids(cfg, mt, samples, raw, sets[0], g, torch.device("cpu"))
-    assert torch.allclose(got, class_centroids(glob, sets[0], g), atol=1e-5)
-    # given centroids (indexed by label value) are used as they are, renormalised
-    given = np.random.default_rng(0).normal(size=(4, mt.student.out_channels)).astype(np.float32)
-    raw2 = {**raw, "centroids_global": given}
-    got2 = _centroids(cfg, mt, samples, raw2, sets[0], g, torch.device("cpu"))
-    assert torch.allclose(got2, F.normalize(torch.as_tensor(given), dim=1), atol=1e-6)
+    mt = read_model(cfg, str(tmp / "pre")).mean_teacher().eval()
+    loader = test_loader(samples, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size, 0)
+    glob = extract(lambda x: mt.fusion_features(x)[0], loader, "cpu", flip=True, amp=cfg.amp)["features"]
+    g = int(glob_labels.max()) + 1
+    assert got.shape == (g, mt.student.out_channels)
+    assert torch.allclose(torch.as_tensor(got), torch.as_tensor(class_centroids(glob, glob_labels, g)), atol=1e-5)
+    # given centroids are used as they are, renormalised
+    zero = copy.deepcopy(cfg)
+    zero.finetune.epochs_per_round = 0
+    finetune(zero, str(data), str(tmp / "labels"), str(tmp / "pre"), str(tmp_path / "ft0"))
+    with np.load(tmp / "labels" / "labels.npz") as z:
+        given = z["centroids"]
+    for name in ("student.pt", "teacher.pt"):
+        w = _state(tmp_path / "ft0" / name)
+        key = "student.classifier.weight" if name == "student.pt" else "classifier.weight"
+        assert torch.allclose(w[key], F.normalize(torch.as_tensor(given), dim=1), atol=1e-6)
 
 
 def test_finetune_round_outputs_and_exact_resume(tiny, tmp_path, monkeypatch):
@@ -353,11 +364,16 @@ def test_finetune_round_outputs_and_exact_resume(tiny, tmp_path, monkeypatch):
 
     tmp, data, cfg, labels = tiny
     pre, lab = str(tmp / "pre"), str(tmp / "labels")
-    got_metrics = []
-    res = ft.finetune(cfg, str(data), lab, pre, str(tmp_path / "full"), round_index=1,
-                      on_metrics=lambda m, s: got_metrics.append(s), checkpoint_every=2)
+    from lf2core.checkpoint import TrainingState
+
+    saved, real_save = [], TrainingState.save
+    monkeypatch.setattr(TrainingState, "save", lambda self, m, o, s, epoch, **extra: saved.append(
+        (epoch, extra["iteration"])) or real_save(self, m, o, s, epoch, **extra))
+    res = ft.finetune(cfg, str(data), lab, pre, str(tmp_path / "full"), round_index=1, checkpoint_every=2)
+    monkeypatch.setattr(TrainingState, "save", real_save)
     assert res["global_step"] == 2 * 2 * 3 * 1 + 0 and res["num_classes"] == 4
-    assert got_metrics == [global_step(1, 1, 0, 2, 3), global_step(1, 2, 0, 2, 3)]
+    # the state after iteration 2 of each epoch (checkpoint_every) and after each epoch
+    assert saved == [(0, 2), (1, 0), (1, 2), (2, 0)]
     out = tmp_path / "full"
     assert {p.name for p in out.iterdir()} >= {"student.pt", "teacher.pt", "metrics.json", "_COMPLETE"}
     t = load_checkpoint(str(out / "teacher.pt"))
@@ -366,7 +382,8 @@ def test_finetune_round_outputs_and_exact_resume(tiny, tmp_path, monkeypatch):
     assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
     assert not (tmp_path / "full.partial").exists()
     # the next round's model loads back (student + teacher + Fuse)
-    mt, kind = load_target_model(cfg, str(out))
+    loaded = read_model(cfg, str(out))
+    mt, kind = loaded.mean_teacher(), loaded.kind
     assert kind == "lf2" and mt.student.num_classes == 4
 
     # killed in epoch 2 after iteration 4 (mid-epoch state saved at iteration 2 of epoch 2), then resumed
@@ -424,7 +441,7 @@ def test_mt_global_variant_trains_global_only(tiny, tmp_path):
     cfg.finetune.epochs_per_round = 1
     res = finetune(cfg, str(data), str(tmp / "labels"), str(tmp / "pre"), str(tmp_path / "g"), checkpoint_every=0)
     assert "tri_part1" not in res and res["global_step"] == 3
-    s0 = load_target_model(cfg, str(tmp / "pre"))[0].student.state_dict()
+    s0 = read_model(cfg, str(tmp / "pre")).mean_teacher().student.state_dict()
     s1 = _state(tmp_path / "g" / "student.pt")
     # the part experts get no gradient in mt_global (only BN statistics move)
     assert torch.equal(s0["experts.0.weight"], s1["student.experts.0.weight"])
@@ -436,7 +453,7 @@ def test_teacher_tail_skipping_keeps_the_round_result():
     """Skipping the teacher/Fuse forwards before the tail leaves the student and the EMA teacher bitwise
     unchanged and the teacher/Fuse BN statistics equal to float32 precision (BN momentum raised to 0.5 so
     the tail is short: (1 - 0.5)^30 = 2^-30 -> 30 forwards -> 10 iterations of 3 batches)."""
-    from lf2core.trainers import teacher_tail
+    from lf2core.training import teacher_tail
 
     full = _mean_teacher()
     assert teacher_tail(full, 3) == 66  # momentum 0.1: ceil(ceil(log(2^-30) / log(0.9)) / 3)

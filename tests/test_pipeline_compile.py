@@ -86,7 +86,7 @@ def test_local_target_has_no_kubernetes_config(tmp_path: Path) -> None:
 
 def test_lf2_cli_dispatches_to_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "p.yaml"
-    r = subprocess.run([sys.executable, "-m", "lf2core.cli", "pipeline", "compile", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "compile", "--out", str(out),
                         "--set", "finetune.rounds=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "2 rounds" in r.stdout and out.is_file()
@@ -124,3 +124,21 @@ def test_failed_stage_marks_mlflow_run_failed(tmp_path: Path, monkeypatch: pytes
     with failure_marks_run(run_id):  # success leaves the status alone
         pass
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_components_follow_the_stage_table() -> None:
+    """Each stage of the table has a component of the same function name taking its inputs (and
+    producing its output) as KFP artifacts of the table's types, and its parameters."""
+    import inspect
+    import typing
+
+    from components import stages as comps
+    from lf2core.stages.table import STAGES
+
+    for st in STAGES:
+        params = inspect.signature(getattr(comps, st.func)).parameters
+        ports = [*st.inputs, *([st.output] if st.output is not None else [])]
+        for port in ports:
+            assert typing.get_args(params[port.name].annotation)[0].__name__ == port.artifact, (st.name, port.name)
+        for prm in st.params:
+            assert prm.name in params or prm.name == "split", (st.name, prm.name)

@@ -14,7 +14,7 @@ import pytest
 from lf2core import storage, tracking
 from lf2core.config import load_config
 from lf2core.stages.register import register
-from pipelines.cli import run_local
+from pipelines.cli import run_pipeline_local
 
 TINY = [
     "data.synth.ids=8", "data.synth.test_ids=6", "data.synth.height=64", "data.synth.width=32",
@@ -26,16 +26,29 @@ TINY = [
 STAGES = ("prepare-data", "pretrain-source", "extract-features", "cluster", "finetune", "evaluate")
 
 
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "lf2SecretAwsKey0123456789", "AWS_SESSION_TOKEN": "lf2SecretSessionToken42",
+           "MLFLOW_TRACKING_PASSWORD": "lf2SecretMlflowPw77", "MLFLOW_TRACKING_TOKEN": "lf2SecretMlflowToken99"}
+
+
+def _leaks(blob: bytes, where: str) -> list[str]:
+    return [f"{name} in {where}" for name, value in SECRETS.items() if value.encode() in blob]
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: str, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capfd: pytest.CaptureFixture) -> None:
+    # recognisable credentials (moto and this mlflow server accept any): none may show up anywhere below
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "lf2user")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("LF2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("LF2_TRACKING", raising=False)
     name = f"lf2-reid-e2e-{uuid.uuid4().hex[:6]}"
     overrides = TINY + [f"tracking.registered_model={name}"]
     prefix = f"s3://{s3_env}/runs"
-    res = run_local("demo", overrides, str(tmp_path / "p"), object_prefix=prefix, experiment="e2e",
+    res = run_pipeline_local("demo", overrides, str(tmp_path / "p"), object_prefix=prefix, experiment="e2e",
                     run_name="e2e", cache=False)
 
     # --- stage outputs are in the bucket, each committed with _COMPLETE last
@@ -90,3 +103,31 @@ def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: st
     d = tracking.promote(model_name=name)
     assert not d.promoted and "does not beat 'champion' version 1" in d.reason
     assert tracking.describe_aliases(name) == {"candidate": "2", "champion": "1"}
+
+    # --- secrets: not in any log line, MLflow param/tag/artifact, compiled pipeline, stage output or file
+    leaks: list[str] = []
+    out, err = capfd.readouterr()
+    leaks += _leaks((out + err).encode(), "the logs")
+    for rid in {res["run_id"], client.get_model_version(name, "2").run_id}:
+        r = client.get_run(rid)
+        leaks += _leaks(json.dumps([r.data.params, r.data.tags]).encode(), f"run {rid} params/tags")
+        for p in Path(mlflow.artifacts.download_artifacts(run_id=rid, dst_path=str(tmp_path / "arts" / rid))).rglob("*"):
+            if p.is_file():
+                leaks += _leaks(p.read_bytes(), f"MLflow artifact {p}")
+    for v in ("1", "2"):
+        leaks += _leaks(json.dumps(client.get_model_version(name, v).tags).encode(), f"version {v} tags")
+    s3 = boto3.client("s3")
+    for bucket in (s3_env, "mlflow-artifacts"):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []):
+                leaks += _leaks(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read(), f"s3://{bucket}/{o['Key']}")
+    from pipelines.lf2_uda import compile_pipeline
+
+    for target in ("local", "kubeflow"):
+        leaks += _leaks(Path(compile_pipeline(str(tmp_path / f"{target}.yaml"), 2, target=target)).read_bytes(),
+                        f"the compiled {target} pipeline")
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "arts" not in p.parts]
+    assert len(files) > 20  # the kfp pipeline root, executor outputs, the cache
+    for p in files:
+        leaks += _leaks(p.read_bytes(), str(p))
+    assert leaks == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lf2core.checkpoint import load_checkpoint
+from lf2core.checkpoint import TrainingState, load_checkpoint
 from lf2core.config import load_config
 from lf2core.data.datasets import Sample, Splits
 from lf2core.data.manifest import write_manifest
@@ -83,11 +83,30 @@ class Interrupt(Exception):
     pass
 
 
-def test_pretrain_outputs_and_exact_resume(tiny_data, tmp_path):
+_REAL_SAVE = TrainingState.save
+
+
+def saved_epochs(monkeypatch, crash_after=None) -> list[int]:
+    """Record the epochs whose resumable state the run saves; with ``crash_after``, raise Interrupt just
+    after the state of that epoch is written (a run killed between epochs)."""
+    epochs: list[int] = []
+    real = _REAL_SAVE
+
+    def save(self, model, optimizer, scheduler, epoch, **extra):
+        real(self, model, optimizer, scheduler, epoch, **extra)
+        epochs.append(epoch)
+        if epoch == crash_after:
+            raise Interrupt()
+
+    monkeypatch.setattr(TrainingState, "save", save)
+    return epochs
+
+
+def test_pretrain_outputs_and_exact_resume(tiny_data, tmp_path, monkeypatch):
     cfg = tiny_cfg()
-    seen_a: list[tuple[int, dict]] = []
+    seen_a = saved_epochs(monkeypatch)
     out_a = tmp_path / "a"
-    res_a = pretrain_source(cfg, str(tiny_data), str(out_a), on_metrics=lambda m, s: seen_a.append((s, m)))
+    res_a = pretrain_source(cfg, str(tiny_data), str(out_a))
 
     # outputs: checkpoint + metrics; no training state left behind
     ck = load_checkpoint(str(out_a / "model.pt"), kind="source")
@@ -100,23 +119,19 @@ def test_pretrain_outputs_and_exact_resume(tiny_data, tmp_path):
     assert 0.0 <= res_a["target_mAP"] <= 1.0 and 0.0 <= res_a["source_mAP"] <= 1.0
     lrs = [h["lr"] for h in metrics["history"]]
     assert lrs == pytest.approx([3.5e-4 * 0.01, 3.5e-4, 3.5e-5])  # warmup 1 epoch, x0.1 at epoch 2
-    assert [s for s, _ in seen_a] == [1, 2, 3, 3]
+    assert seen_a == [1, 2, 3]  # the state is saved after every epoch
     assert not Path(work_dir(str(out_a))).exists()
     assert (out_a / "_COMPLETE").exists()
 
-    # interrupted after epoch 1 (the state is saved before the callback runs), then resumed
+    # interrupted just after the state of epoch 1 is saved, then resumed
     out_b = tmp_path / "b"
-
-    def crash(m, step):
-        if step == 1:
-            raise Interrupt()
-
+    saved_epochs(monkeypatch, crash_after=1)
     with pytest.raises(Interrupt):
-        pretrain_source(cfg, str(tiny_data), str(out_b), on_metrics=crash)
+        pretrain_source(cfg, str(tiny_data), str(out_b))
     assert not out_b.exists() and (Path(work_dir(str(out_b))) / "state.pt").exists()
-    seen_b: list[int] = []
-    pretrain_source(cfg, str(tiny_data), str(out_b), on_metrics=lambda m, s: seen_b.append(s))
-    assert seen_b == [2, 3, 3]  # continued after epoch 1
+    seen_b = saved_epochs(monkeypatch)
+    pretrain_source(cfg, str(tiny_data), str(out_b))
+    assert seen_b == [2, 3]  # continued after epoch 1
     sa = load_checkpoint(str(out_a / "model.pt"))["state_dict"]
     sb = load_checkpoint(str(out_b / "model.pt"))["state_dict"]
     assert sa.keys() == sb.keys()
@@ -125,18 +140,15 @@ def test_pretrain_outputs_and_exact_resume(tiny_data, tmp_path):
     assert [h["loss"] for h in hb] == [h["loss"] for h in metrics["history"]]
 
 
-def test_resume_ignores_state_of_another_config(tiny_data, tmp_path, caplog):
+def test_resume_ignores_state_of_another_config(tiny_data, tmp_path, caplog, monkeypatch):
     out = tmp_path / "c"
-
-    def crash(m, step):
-        raise Interrupt()
-
     cfg1 = tiny_cfg("pretrain.epochs=1", "pretrain.eval_every=0", "pretrain.adapt_target_bn=false")
+    saved_epochs(monkeypatch, crash_after=1)
     with pytest.raises(Interrupt):
-        pretrain_source(cfg1, str(tiny_data), str(out), on_metrics=crash)
+        pretrain_source(cfg1, str(tiny_data), str(out))
     cfg2 = tiny_cfg("pretrain.epochs=1", "pretrain.eval_every=0", "pretrain.lr=0.001",
                     "pretrain.adapt_target_bn=false")
-    steps: list[int] = []
+    steps = saved_epochs(monkeypatch)
     with caplog.at_level("WARNING"):
-        pretrain_source(cfg2, str(tiny_data), str(out), on_metrics=lambda m, s: steps.append(s))
-    assert "another config" in caplog.text and steps == [1, 1]
+        pretrain_source(cfg2, str(tiny_data), str(out))
+    assert "another config" in caplog.text and steps == [1]  # epoch 1 trained again, from scratch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -28,14 +29,15 @@ def test_local_roundtrip_and_file_scheme(tmp_path: Path) -> None:
 
 def test_local_output_dir_commit_and_failure(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    with storage.output_dir(str(dest)) as d:
+    with storage.output_dir(str(dest), "test-stage") as d:
         (d / "x.txt").write_text("1")
     assert storage.is_complete(str(dest)) and (dest / "x.txt").read_text() == "1"
     with pytest.raises(RuntimeError):
-        with storage.output_dir(str(dest)) as d:
+        with storage.output_dir(str(dest), "test-stage") as d:
             (d / "y.txt").write_text("2")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in dest.iterdir()) == ["_COMPLETE", "x.txt"]  # old output intact
+    assert sorted(p.name for p in dest.iterdir()) == ["_LF2_OUTPUT.json", "x.txt"]  # old files intact, ...
+    assert not storage.is_complete(str(dest))  # ... but no longer marked complete: a rerun began replacing it
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial dir left
 
 
@@ -69,44 +71,49 @@ def test_s3_bytes_exists_and_errors(s3_env: str) -> None:
             call("s3://no-such-bucket-lf2/k")
 
 
-def test_remove_tree_local_and_s3(s3_env: str, tmp_path: Path) -> None:
+def test_remove_files_local_and_s3(s3_env: str, tmp_path: Path) -> None:
     for base in (str(tmp_path / "state"), f"s3://{s3_env}/runs"):
-        for name in ("x.partial/a.pt", "x.partial/sub/b.json", "x.partial2/keep", "x/keep"):
+        for name in ("x.partial/state.pt", "x.partial/mine.txt", "x.partial2/state.pt"):
             storage.write_bytes(f"{base}/{name}", b"1")
-        assert storage.remove_tree(f"{base}/x.partial") == 2
-        assert not storage.exists(f"{base}/x.partial")
-        assert storage.exists(f"{base}/x.partial2/keep") and storage.exists(f"{base}/x/keep")  # prefix boundary
-        assert storage.remove_tree(f"{base}/x.partial") == 0
-    with pytest.raises(StorageError, match="refusing to remove a whole bucket"):
-        storage.remove_tree(f"s3://{s3_env}/")
+        storage.remove_files(f"{base}/x.partial", ["state.pt"])
+        assert not storage.exists(f"{base}/x.partial/state.pt")
+        assert storage.exists(f"{base}/x.partial/mine.txt") and storage.exists(f"{base}/x.partial2/state.pt")
+        storage.remove_files(f"{base}/x.partial", ["mine.txt"])
+        assert not storage.exists(f"{base}/x.partial")  # an emptied local directory goes too
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["x.partial2"]
 
 
 def test_s3_output_dir_atomic_commit(s3_env: str) -> None:
     uri = f"s3://{s3_env}/runs/r1/cluster"
     with pytest.raises(RuntimeError):
-        with storage.output_dir(uri) as d:
+        with storage.output_dir(uri, "test-stage") as d:
             (d / "labels.npz").write_bytes(b"L")
             raise RuntimeError("stage failed")
     assert _objects(s3_env) == {}  # nothing half-written is visible
-    with storage.output_dir(uri) as d:
+    with storage.output_dir(uri, "test-stage") as d:
         (d / "labels.npz").write_bytes(b"L1")
         (d / "sub").mkdir()
         (d / "sub" / "stats.json").write_text("{}")
-    assert _objects(s3_env) == {"runs/r1/cluster/labels.npz": b"L1", "runs/r1/cluster/sub/stats.json": b"{}",
-                                "runs/r1/cluster/_COMPLETE": b"ok\n"}
+    objs = _objects(s3_env)
+    assert json.loads(objs.pop("runs/r1/cluster/_LF2_OUTPUT.json")) == {
+        "format": "lf2-output/1", "stage": "test-stage", "files": ["labels.npz", "sub/stats.json"]}
+    assert objs == {"runs/r1/cluster/labels.npz": b"L1", "runs/r1/cluster/sub/stats.json": b"{}",
+                    "runs/r1/cluster/_COMPLETE": b"ok\n"}
     assert storage.is_complete(uri)
-    with storage.output_dir(uri) as d:  # a re-run replaces the whole output, stale objects removed
+    with storage.output_dir(uri, "test-stage") as d:  # a re-run replaces the whole output, stale objects removed
         (d / "labels.npz").write_bytes(b"L2")
-    assert _objects(s3_env) == {"runs/r1/cluster/labels.npz": b"L2", "runs/r1/cluster/_COMPLETE": b"ok\n"}
-    assert storage.list_files(uri) == ["_COMPLETE", "labels.npz"]
+    objs = _objects(s3_env)
+    assert json.loads(objs.pop("runs/r1/cluster/_LF2_OUTPUT.json"))["files"] == ["labels.npz"]
+    assert objs == {"runs/r1/cluster/labels.npz": b"L2", "runs/r1/cluster/_COMPLETE": b"ok\n"}
+    assert storage.list_files(uri) == ["_COMPLETE", "_LF2_OUTPUT.json", "labels.npz"]
     with pytest.raises(StorageError, match="does not exist"):
-        with storage.output_dir("s3://no-such-bucket-lf2/x"):
+        with storage.output_dir("s3://no-such-bucket-lf2/x", "test-stage"):
             pytest.fail("the missing bucket must be reported before the stage runs")
 
 
 def test_s3_multipart_upload(s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage.s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage.s3, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
     data = os.urandom(11 * 1024 * 1024)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
@@ -145,8 +152,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch):
     """A client with botocore retries off, so only lf2's own backoff loop is exercised."""
     client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y",
                           endpoint_url="http://127.0.0.1:9", config=BotoConfig(retries={"max_attempts": 1}))
-    monkeypatch.setattr(storage, "_s3", lambda: client)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage.s3, "_s3", lambda: client)
+    monkeypatch.setattr(storage.s3.time, "sleep", lambda s: None)
     with Stubber(client) as stub:
         yield stub
         stub.assert_no_pending_responses()
@@ -170,23 +177,49 @@ def test_retries_give_up_with_clear_error(stubbed: Stubber, monkeypatch: pytest.
     monkeypatch.setenv("LF2_S3_MAX_ATTEMPTS", "2")
     for _ in range(2):
         stubbed.add_client_error("put_object", service_error_code="SlowDown", http_status_code=503)
-    with pytest.raises(StorageError, match=r"^s3://b/k: S3 error SlowDown"):
+    with pytest.raises(StorageError, match=r"^s3://b/k: the S3 endpoint AWS S3 \(default endpoint\) kept failing "
+                                           r"\(HTTP 503 SlowDown\); gave up after 2 attempt\(s\) in 0 s"):
         storage.write_bytes("s3://b/k", b"v")
 
 
 def test_s3_failed_upload_leaves_no_complete_marker(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"s3://{s3_env}/runs/r2/finetune"
-    real = storage.upload_file
+    real = storage.outputs.upload_file
 
     def flaky(path, dest):  # one of 20 files cannot be uploaded
         if str(dest).endswith("f07.bin"):
             raise StorageError(f"{dest}: access denied (AccessDenied)")
         real(path, dest)
 
-    monkeypatch.setattr(storage, "upload_file", flaky)
+    monkeypatch.setattr(storage.outputs, "upload_file", flaky)
     with pytest.raises(StorageError, match=r"f07\.bin: access denied"):
-        with storage.output_dir(uri) as d:
+        with storage.output_dir(uri, "test-stage") as d:
             for i in range(20):
                 (d / f"f{i:02d}.bin").write_bytes(bytes([i]))
     assert not storage.is_complete(uri)
     assert f"runs/r2/finetune/{storage.COMPLETE_MARKER}" not in _objects(s3_env)
+
+
+def test_failed_local_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (here: the disk is full) removes its temp file and the directories it made."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.local.os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(tmp_path / "run.partial" / "state.pt"), b"x" * 100)
+    assert list(tmp_path.iterdir()) == []

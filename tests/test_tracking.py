@@ -128,3 +128,24 @@ def test_register_and_promotion_gate_on_server(mlflow_server: str, s3_env: str, 
     assert tracking.promote_main(version="1", model_name=name) == 0
     assert "version 1 mAP 0.4000 beats version 2 mAP 0.3500" in capsys.readouterr().out
     assert tracking.describe_aliases(name) == {"candidate": "2", "champion": "1"}
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ({"mAP": "high", "R1": 0.5}, "metric 'mAP' must be a number in [0, 1], got 'high'"),
+    ({"mAP": 1.7}, "metric 'mAP' must be a number in [0, 1], got 1.7"),
+    ({"mAP": 0.5, "R1": None, "mINP": True}, "metric 'mINP' must be a number in [0, 1], got True"),
+    ({"R1": 0.5}, "no 'mAP' (an evaluate output holds mAP, R1, R5, R10, mINP)"),
+])
+def test_register_refuses_bad_metrics_before_touching_the_registry(tmp_path: Path, monkeypatch, metrics,
+                                                                   message) -> None:
+    from lf2core.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("demo", TINY)
+    m, e, _ = _teacher(tmp_path, cfg, 3, 0.5)
+    (e / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(DataError) as err:
+        register(cfg, str(m), str(e))
+    assert str(err.value) == f"{e / 'metrics.json'}: {message}"
+    assert not (tmp_path / "mlflow.db").exists()  # no run, no version, no alias moved

@@ -1,6 +1,6 @@
 """Sparse, vectorised k-reciprocal Jaccard distance (the SpCL / re-ranking "jaccard_dist").
 
-Semantics (docs: /work/shared/docs/lf2-method.md, "k-reciprocal Jaccard distance"), X = L2-normalised
+Semantics (docs/method.md, section 5, "DBSCAN on the k-reciprocal Jaccard distance"), X = L2-normalised
 features ``[N, d]``:
 
 1. ``initial_rank[i]`` = the ``k1`` nearest neighbours of ``i`` by inner product, ``i`` itself first.
@@ -71,15 +71,6 @@ def _segment_starts(counts: np.ndarray) -> np.ndarray:
     starts = np.zeros(len(counts), dtype=np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     return starts
-
-
-def _expand_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ranges ``[starts[e], starts[e] + counts[e])``: (owner e of each element, element positions)."""
-    counts = counts.astype(np.int64, copy=False)
-    total = int(counts.sum())
-    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    offs = np.arange(total, dtype=np.int64) - np.repeat(_segment_starts(counts), counts)
-    return owner, starts.astype(np.int64, copy=False)[owner] + offs
 
 
 def reciprocal_pairs(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,17 +164,6 @@ def build_v(x: np.ndarray, rank: np.ndarray, sims: np.ndarray, k1: int, k2: int)
     return v
 
 
-def _unique_sorted(a: np.ndarray) -> np.ndarray:
-    """Sorted unique values (faster than ``np.unique`` on large int64 arrays here)."""
-    a = np.sort(a)
-    if len(a) == 0:
-        return a
-    keep = np.empty(len(a), dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
-
-
 class _ChunkedOutput:
     """Growable (indices, data) storage in large chunks (> glibc's mmap threshold, so a freed chunk goes
     back to the OS), copied into the final arrays chunk by chunk: peak ~ output + one chunk."""
@@ -241,23 +221,9 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False, max_distance: Optio
     v = sp.csr_matrix(v)
     v.sort_indices()
     row_nnz = np.diff(v.indptr).astype(np.int64)
-    v_cols = v.indices.astype(np.int64)
-    vt = v.tocsc()
-    vt.sort_indices()
-    col_ptr = vt.indptr.astype(np.int64)
-    col_rows = vt.indices.astype(np.int64)
-    col_vals = vt.data
-    col_cnt = np.diff(col_ptr)
-    del vt
-    row_terms = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(np.repeat(np.arange(n), row_nnz), weights=col_cnt[v_cols], minlength=n).astype(np.int64),
-              out=row_terms[1:])
+    cols = _inverted_columns(v)
     max_rows = max(1, MINSUM_BUFFER // n)
-    edges = [0]
-    while edges[-1] < n:  # blocks: at most MINSUM_BLOCK_TERMS terms (or one row) and MINSUM_BUFFER cells
-        a = edges[-1]
-        b = int(np.searchsorted(row_terms, row_terms[a] + MINSUM_BLOCK_TERMS, side="right")) - 1
-        edges.append(min(max(b, a + 1), a + max_rows, n))
+    edges = _block_edges(v, row_nnz, cols[3], max_rows)
     mark = np.zeros(max_rows * n, dtype=bool)
     slot = np.empty(max_rows * n, dtype=np.int64)
     index_dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
@@ -265,34 +231,10 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False, max_distance: Optio
     store = _ChunkedOutput(index_dtype)
     for a, b in tqdm(list(zip(edges[:-1], edges[1:])), desc="jaccard min-sum", disable=not progress,
                      unit="block"):
-        ea, eb = v.indptr[a], v.indptr[b]
-        t_cnt = col_cnt[v_cols[ea:eb]]
-        n_terms = int(t_cnt.sum())
-        t_pos = np.repeat(col_ptr[v_cols[ea:eb]] - _segment_starts(t_cnt), t_cnt)
-        t_pos += np.arange(n_terms, dtype=np.int64)
-        mins = np.minimum(np.repeat(v.data[ea:eb], t_cnt), col_vals[t_pos])
-        key = np.repeat(np.repeat(np.arange(b - a, dtype=np.int64) * n, row_nnz[a:b]), t_cnt)
-        key += col_rows[t_pos]
-        del t_pos
-        nc = (b - a) * n
-        mark[key] = True
-        cells = np.flatnonzero(mark[:nc])
-        mark[:nc] = False
-        slot[cells] = np.arange(len(cells), dtype=np.int64)
-        m = np.bincount(slot[key], weights=mins, minlength=len(cells))
-        del key, mins
-        d = 1.0 - m / (2.0 - m)
-        np.maximum(d, 0.0, out=d)
-        if max_distance is not None:
-            keep = d <= max_distance
-            keep |= cells % (n + 1) == a  # the diagonal cell (i - a) * n + i
-            cells, d = cells[keep], d[keep]
-        row_end = np.searchsorted(cells, np.arange(1, b - a + 1, dtype=np.int64) * n)
-        counts = np.diff(row_end, prepend=0)
-        cells -= np.repeat(np.arange(b - a, dtype=np.int64) * n, counts)
+        cells, d, counts = _block_distances(v, a, b, row_nnz, cols, mark, slot, max_distance)
         counts_parts.append(counts)
         store.append(cells.astype(index_dtype), d.astype(np.float32))
-        del cells, m, d
+        del cells, d
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.concatenate(counts_parts), out=indptr[1:])
     total = int(indptr[-1])
@@ -302,6 +244,64 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False, max_distance: Optio
     out = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, n))
     out.has_sorted_indices = True
     return out
+
+
+def _inverted_columns(v: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """V's columns as inverted lists: ``(col_ptr [N+1], col_rows [nnz], col_vals [nnz], col_cnt [N])``,
+    rows ascending within each column."""
+    vt = v.tocsc()
+    vt.sort_indices()
+    col_ptr = vt.indptr.astype(np.int64)
+    return col_ptr, vt.indices.astype(np.int64), vt.data, np.diff(col_ptr)
+
+
+def _block_edges(v: sp.csr_matrix, row_nnz: np.ndarray, col_cnt: np.ndarray, max_rows: int) -> list[int]:
+    """Row blocks ``[edges[i], edges[i+1])`` of at most ``MINSUM_BLOCK_TERMS`` terms (or one row) and
+    ``max_rows`` rows (``MINSUM_BUFFER`` cells)."""
+    n = v.shape[0]
+    row_terms = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(np.repeat(np.arange(n), row_nnz), weights=col_cnt[v.indices.astype(np.int64)],
+                          minlength=n).astype(np.int64), out=row_terms[1:])
+    edges = [0]
+    while edges[-1] < n:
+        a = edges[-1]
+        b = int(np.searchsorted(row_terms, row_terms[a] + MINSUM_BLOCK_TERMS, side="right")) - 1
+        edges.append(min(max(b, a + 1), a + max_rows, n))
+    return edges
+
+
+def _block_distances(v: sp.csr_matrix, a: int, b: int, row_nnz: np.ndarray, cols: tuple, mark: np.ndarray,
+                     slot: np.ndarray, max_distance: Optional[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``a..b-1`` of the distance matrix: ``(column indices, distances float64, entries per row)``,
+    row-major sorted. ``mark``/``slot`` are reusable buffers of at least ``(b - a) * N`` cells."""
+    n = v.shape[0]
+    col_ptr, col_rows, col_vals, col_cnt = cols
+    v_cols = v.indices[v.indptr[a]:v.indptr[b]].astype(np.int64)
+    t_cnt = col_cnt[v_cols]
+    n_terms = int(t_cnt.sum())
+    t_pos = np.repeat(col_ptr[v_cols] - _segment_starts(t_cnt), t_cnt)
+    t_pos += np.arange(n_terms, dtype=np.int64)
+    mins = np.minimum(np.repeat(v.data[v.indptr[a]:v.indptr[b]], t_cnt), col_vals[t_pos])
+    key = np.repeat(np.repeat(np.arange(b - a, dtype=np.int64) * n, row_nnz[a:b]), t_cnt)
+    key += col_rows[t_pos]
+    del t_pos
+    nc = (b - a) * n
+    mark[key] = True
+    cells = np.flatnonzero(mark[:nc])
+    mark[:nc] = False
+    slot[cells] = np.arange(len(cells), dtype=np.int64)
+    m = np.bincount(slot[key], weights=mins, minlength=len(cells))
+    del key, mins
+    d = 1.0 - m / (2.0 - m)
+    np.maximum(d, 0.0, out=d)
+    if max_distance is not None:
+        keep = d <= max_distance
+        keep |= cells % (n + 1) == a  # the diagonal cell (i - a) * n + i
+        cells, d = cells[keep], d[keep]
+    row_end = np.searchsorted(cells, np.arange(1, b - a + 1, dtype=np.int64) * n)
+    counts = np.diff(row_end, prepend=0)
+    cells -= np.repeat(np.arange(b - a, dtype=np.int64) * n, counts)
+    return cells, d, counts
 
 
 # ------------------------------------------------------------------------------------------ public

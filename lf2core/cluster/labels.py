@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -248,3 +248,32 @@ def cluster_stats(labels: np.ndarray, true_ids: Optional[np.ndarray] = None,
             float(normalized_mutual_info_score(c[clustered], lab[clustered])) if clustered.any() else 0.0
         )
     return stats
+
+
+# ------------------------------------------------------------------------------------------ training labels
+def training_labels(raw: Mapping[str, np.ndarray], policy: OutlierPolicy) -> tuple[dict[str, np.ndarray], int]:
+    """The labels a round trains with, from clustering labels (-1 = outlier): the outlier policy
+    (``apply_outlier_policy``) applied to every set, then the ``global`` labels renumbered 0..G-1 in
+    order of label value (empty k-means clusters disappear), -1 kept. Returns ({name: int64 [N]}, G)."""
+    sets = {name: apply_outlier_policy(np.asarray(a), policy) for name, a in raw.items()}
+    g = sets["global"]
+    valid = g >= 0
+    uniq, inv = np.unique(g[valid], return_inverse=True)
+    renum = np.full_like(g, -1)
+    renum[valid] = inv
+    sets["global"] = renum
+    return sets, int(len(uniq))
+
+
+def class_centroids(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean feature per class 0..num_classes-1 (labels < 0 ignored; sums in float64), rows
+    L2-normalised: float32 [num_classes, D] from ``features`` [N, D] and ``labels`` [N]."""
+    import torch
+    import torch.nn.functional as F
+
+    f = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    keep = y >= 0
+    sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
+    sums.index_add_(0, y[keep], f[keep].double())
+    return F.normalize(sums.float(), dim=1).numpy()

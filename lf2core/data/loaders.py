@@ -23,14 +23,21 @@ from .datasets import Sample, relabel
 from .samplers import IdentityBatchSampler
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # 67 Mpx: far above any person crop; bigger headers are refused before decoding
+
+
 def load_image(path: str):
-    """Open ``path`` as a PIL RGB image; DataError naming the file if it cannot be read."""
+    """Open ``path`` as a PIL RGB image; DataError naming the file if it cannot be read, or if its header
+    declares more than ``MAX_IMAGE_PIXELS`` pixels (a corrupt or hostile file would exhaust memory)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image header declares {im.width}x{im.height} pixels, over the limit of "
+                                f"{MAX_IMAGE_PIXELS} for a person crop; the file is corrupt or not a crop")
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
 

@@ -23,10 +23,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import storage
+from ..artifacts import MANIFEST as MANIFEST_NAME
 from ..errors import DataError, StorageError
 from .datasets import SPLIT_NAMES, Sample, Splits
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 SIDES = ("source", "target")
 SPLIT_KEYS = tuple(f"{side}_{split}" for side in SIDES for split in SPLIT_NAMES)

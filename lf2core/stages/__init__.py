@@ -1,9 +1,11 @@
 """One plain function per pipeline stage.
 
 Contract: each stage takes input locations (local paths or s3:// URIs), a validated ``Config`` and an
-output location; it writes its outputs there atomically (``lf2core.storage.output_dir``) and returns a
-small dict of metrics (JSON-serialisable floats/ints). The CLI (``lf2 <stage>``) and the KFP components
-call the same functions. Stages only exchange files, in these documented formats:
+output location; it writes its outputs there atomically (``lf2core.storage.output_dir``, owner = the
+stage's name) and returns a small dict of metrics (JSON-serialisable floats/ints). The stages are declared
+once in ``lf2core.stages.table.STAGES``, from which the CLI (``lf2 <stage>``), the KFP components, the
+pipeline's resources and ``run_local`` are derived. Stages only exchange files, in these documented
+formats, each read and written through ``lf2core.artifacts``:
 
 ``prepare_data(cfg, out)``
     out/manifest.json  {"version": 1, "source": DOMAIN, "target": DOMAIN} with
@@ -21,8 +23,11 @@ call the same functions. Stages only exchange files, in these documented formats
     rows in manifest order), int64 ``pids``, ``camids`` (ground truth where the dataset has it, else -1).
 
 ``cluster(cfg, features, out, round_index=0)``
-    out/labels.npz  int64 arrays ``global``, ``upper``, ``lower`` (-1 = DBSCAN outlier);
-    out/stats.json  per label set: clusters, outlier ratio, size histogram, NMI/ARI/pairwise P/R if known;
+    out/labels.npz  int64 arrays ``global``, ``upper``, ``lower``: the training labels (outlier policy
+    ``cluster.outliers`` applied, -1 = never sampled; global classes 0..G-1), float32 ``centroids`` [G, C]
+    (L2-normalised mean ``global`` feature per global class: the round's classifier initialisation);
+    out/stats.json  per label set (of the clustering, before the outlier policy): clusters, outlier ratio,
+    size histogram, NMI/ARI/pairwise P/R if known;
     out/cluster_stats.png.
 
 ``finetune(cfg, data, labels, model, out, round_index)``  model = pretrain output (round 0) or previous

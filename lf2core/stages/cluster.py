@@ -11,11 +11,14 @@
   for the parts, the ratio of the released code (1500 global / 900 parts). ``ground_truth``: every set
   labelled with the target TRAIN identities (needs them): a diagnostic upper bound of the fine-tuning
   recipe with perfect pseudo labels, used by ``bench/uda_synthetic.py`` -- not domain adaptation.
-- ``out/labels.npz``: int64 label vectors with the same names (-1 = DBSCAN outlier, kept; the outlier
-  policy ``cfg.cluster.outliers`` is applied by the consumer with ``lf2core.cluster.apply_outlier_policy``).
+- ``out/labels.npz`` (``lf2core.artifacts.PseudoLabels``): the TRAINING labels, int64 vectors with the same
+  names -- ``lf2core.cluster.training_labels``: the outlier policy ``cfg.cluster.outliers`` applied
+  (``drop``: -1 kept, never sampled; ``singleton``: a class each), the global labels numbered 0..G-1 -- and
+  float32 ``centroids`` [G, C], the L2-normalised mean ``global`` feature of each global class (the
+  classifier initialisation of the round, ``lf2core.cluster.class_centroids``).
 - ``out/stats.json``: ``{"round": r, "method": ..., "global": stats, "upper": ..., "lower": ...}`` with
   ``lf2core.cluster.cluster_stats`` (NMI/ARI/pairwise P-R when all ``pids >= 0``, ``nmi_camera`` when all
-  ``camids >= 0``) plus the wall time of each set.
+  ``camids >= 0``) of the clustering itself (before the outlier policy) plus the wall time of each set.
 - ``out/cluster_stats.png``: ``lf2core.plots.cluster_stats_png``.
 
 Returns flat metrics ``{"global/num_clusters": ..., "global/outlier_ratio": ..., ...}`` (scalars only).
@@ -23,8 +26,6 @@ Returns flat metrics ``{"global/num_clusters": ..., "global/outlier_ratio": ...,
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import storage
-from ..cluster import cluster_stats, pseudo_labels
+from .. import artifacts, storage
+from ..cluster import class_centroids, cluster_stats, pseudo_labels, training_labels
 from ..config import Config
 from ..errors import DataError
+from .table import CLUSTER
 
 log = logging.getLogger(__name__)
 
@@ -43,53 +45,22 @@ log = logging.getLogger(__name__)
 PART_INIT_RATIO = 900 / 1500
 
 
-def _features_file(features: str) -> str:
-    if str(features).endswith(".npz"):
-        return str(features)
-    return storage.join(features, "features.npz")
-
-
-def load_features(features: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Read features.npz -> ({name: [N, C] float32}, pids [N] int64, camids [N] int64).
-
-    Raises DataError naming the file when it is missing, unreadable, or inconsistent."""
-    uri = _features_file(features)
-    arrays, _ = storage.read_npz(uri, "features")
-    for key in ("global", "pids", "camids"):
-        if key not in arrays:
-            raise DataError(f"{uri}: missing array '{key}' (found: {', '.join(sorted(arrays)) or 'none'})")
-    names = [k for k in arrays if k not in ("pids", "camids")]
-    names = ["global"] + [k for k in names if k != "global"]
-    n = arrays["global"].shape[0] if arrays["global"].ndim == 2 else -1
-    feats: dict[str, np.ndarray] = {}
-    for k in names:
-        a = arrays[k]
-        if a.ndim != 2 or a.shape[0] != n or not np.issubdtype(a.dtype, np.floating):
-            raise DataError(f"{uri}: array '{k}' must be a float [N, C] matrix with N = {n}, got {a.dtype} {a.shape}")
-        if not np.isfinite(a).all():
-            raise DataError(f"{uri}: array '{k}' contains NaN or infinite values")
-        feats[k] = a
-    pids, camids = arrays["pids"], arrays["camids"]
-    for k, a in (("pids", pids), ("camids", camids)):
-        if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
-            raise DataError(f"{uri}: array '{k}' must be an integer vector of length {n}, got {a.dtype} {a.shape}")
-    return feats, pids.astype(np.int64), camids.astype(np.int64)
-
-
 def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[str, Any]:
     """Cluster every feature set of ``features``; write labels.npz, stats.json, cluster_stats.png."""
-    feats, pids, camids = load_features(features)
+    fs = artifacts.read_features(features)
+    feats, pids, camids = fs.sets, fs.pids, fs.camids
+    where = artifacts.locate(features, artifacts.FEATURES)
     n = len(pids)
     c = cfg.cluster
     if c.method == "kmeans" and c.num_clusters > n:
         raise DataError(
-            f"config key 'cluster.num_clusters': {c.num_clusters} clusters for {n} samples in {_features_file(features)}"
+            f"config key 'cluster.num_clusters': {c.num_clusters} clusters for {n} samples in {where}"
         )
     true_ids = pids if n and (pids >= 0).all() else None
     cams = camids if n and (camids >= 0).all() else None
     if c.method == "ground_truth":
         if true_ids is None:
-            raise DataError(f"{_features_file(features)}: cluster.method=ground_truth needs an identity for every "
+            raise DataError(f"{where}: cluster.method=ground_truth needs an identity for every "
                             "target train image")
         log.warning("cluster.method=ground_truth: labels are the target TRAIN identities (a diagnostic upper "
                     "bound of the fine-tuning recipe, not domain adaptation)")
@@ -106,7 +77,7 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
                 kmeans_n_init=c.kmeans_n_init, kmeans_init_size=init,
             )
         except ValueError as e:
-            raise DataError(f"{_features_file(features)}: cannot cluster '{name}': {e}") from None
+            raise DataError(f"{where}: cannot cluster '{name}': {e}") from None
         labels[name] = lab.astype(np.int64)
         s = cluster_stats(lab, true_ids=true_ids, camids=cams)
         s["seconds"] = round(time.perf_counter() - t0, 3)
@@ -114,13 +85,12 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
         log.info("cluster %s: %d clusters, %.1f%% outliers (%.1fs)", name, s["num_clusters"],
                  100 * s["outlier_ratio"], s["seconds"])
 
-    with storage.output_dir(out) as tmp:
-        tmp = Path(tmp)
-        buf = io.BytesIO()
-        np.savez(buf, **labels)
-        (tmp / "labels.npz").write_bytes(buf.getvalue())
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        _plot(tmp / "cluster_stats.png", stats)
+    sets, num_classes = training_labels(labels, c.outliers)
+    centroids = class_centroids(feats["global"], sets["global"], num_classes)
+    with storage.output_dir(out, CLUSTER) as tmp:
+        artifacts.write_labels(tmp, artifacts.PseudoLabels(sets, centroids))
+        artifacts.write_cluster_stats(tmp, stats)
+        _plot(Path(tmp) / artifacts.CLUSTER_PLOT, stats)
 
     metrics: dict[str, Any] = {}
     for name in labels:

@@ -15,48 +15,34 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from .. import storage
+from .. import artifacts, storage
+from ..artifacts import feature_names  # noqa: F401  (the names of features.npz, defined with the file)
 from ..config import Config
 from ..errors import DataError
 from ..features import extract
-from ..models import load_target_model
-from ..runtime import select_device
+from ..runtime import DevicePolicy
+from .table import EXTRACT
 
 log = logging.getLogger(__name__)
-
-
-def feature_names(num_parts: int) -> list[str]:
-    """Names of the K+1 fusion features in features.npz."""
-    if num_parts == 2:
-        return ["global", "upper", "lower"]
-    return ["global", *[f"part{j}" for j in range(1, num_parts + 1)]]
 
 
 def extract_features(cfg: Config, data: str, model: str, out: str, split: str = "target_train") -> dict[str, Any]:
     """Write ``out/features.npz`` (+ ``meta.json``) for ``split``; return counts and throughput."""
     from ..data.loaders import test_loader
-    from ..data.manifest import read_manifest
-    from ..data.manifest import split as split_of
     from ..data.transforms import test_transform
 
-    samples = split_of(read_manifest(data), split)
+    samples = artifacts.read_split(data, split)
     if not samples:
         raise DataError(f"{data}: split '{split}' is empty")
-    mt, kind = load_target_model(cfg, model)
-    device = select_device(cfg.device)
-    mt = mt.to(device).eval()
-    if device.type == "cuda":
-        mt = mt.to(memory_format=torch.channels_last)
+    source = artifacts.read_model(cfg, model)
+    kind = source.kind
+    policy = DevicePolicy.from_config(cfg)
+    device = policy.device
+    mt = policy.model(source.mean_teacher()).eval()
     names = feature_names(mt.student.num_parts)
     loader = test_loader(samples, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size,
                          cfg.data.num_workers)
@@ -78,11 +64,9 @@ def extract_features(cfg: Config, data: str, model: str, out: str, split: str = 
         "images_per_s": round(n / max(secs, 1e-9), 1),
         "device": str(device),
     }
-    with storage.output_dir(out) as tmp:
-        buf = io.BytesIO()
-        np.savez(buf, **{k: feats[k] for k in [*names, "pids", "camids"]})
-        (Path(tmp) / "features.npz").write_bytes(buf.getvalue())
-        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with storage.output_dir(out, EXTRACT) as tmp:
+        artifacts.write_features(tmp, artifacts.Features({k: feats[k] for k in names}, feats["pids"], feats["camids"]),
+                                 meta)
     log.info("extracted %d x %d fusion features of %s (%s model) in %.1fs (%.0f img/s)", n, meta["dim"], split,
              kind, secs, meta["images_per_s"])
     return {"images": n, "dim": meta["dim"], "seconds": meta["seconds"], "images_per_s": meta["images_per_s"]}

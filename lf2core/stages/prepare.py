@@ -29,17 +29,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import storage
+from .. import artifacts, storage
 from ..config import Config
 from ..data import datasets
-from ..data.manifest import SIDES, write_manifest
+from ..data.manifest import SIDES
 from ..errors import DataError, StorageError
+from .table import PREPARE, SYNTHETIC_DATA
 
 log = logging.getLogger(__name__)
 
 SYNTH_MARKER = "lf2_synthetic.json"
 SYNTH_DOMAINS = {"source": "a", "target": "b"}
-REQUIRED_SPLITS = {"source": ("train",), "target": ("train", "query", "gallery")}
 
 
 def _synth_params(cfg: Config, side: str, version: str) -> dict[str, Any]:
@@ -104,26 +104,15 @@ def _synthetic_at_root(side: str, root: str, params: dict[str, Any]) -> tuple[da
             f"config key 'data.{side}.root': {root} is not empty and holds no lf2 synthetic data "
             f"({SYNTH_MARKER}); refusing to overwrite it - use an empty or new directory, or root \"\""
         )
-    with storage.output_dir(root) as tmp:
+    with storage.output_dir(root, SYNTHETIC_DATA) as tmp:
         _generate(params, Path(tmp))
     return datasets.load("market1501", root), True
 
 
-def _check_nonempty(side: str, splits: datasets.Splits) -> None:
-    for split in REQUIRED_SPLITS[side]:
-        if not splits.split(split):
-            raise DataError(f"{side} dataset {splits.root}: split '{split}' is empty")
-
-
-def _check_source_labelled(splits: datasets.Splits) -> None:
-    """The source domain is trained with its identities: no unlabelled train image."""
-    n = datasets.count_unlabelled(splits.train)
-    if n:
-        first = next(s.path for s in splits.train if s.pid == datasets.UNLABELLED)
-        raise DataError(
-            f"source dataset {splits.root}: {n} unlabelled train image(s) (e.g. {first}); the source domain "
-            "must be labelled: put every train image in an identity folder (or give its pid in manifest.csv)"
-        )
+def _check_role(side: str, splits: datasets.Splits) -> None:
+    problems = datasets.role_problems(splits, side)
+    if problems:
+        raise DataError(f"{side} dataset {splits.root}: {problems[0]}")
 
 
 def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
@@ -135,7 +124,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
     if cfg.data.cache_dir:
         storage.set_cache_dir(cfg.data.cache_dir)
     metrics: dict[str, Any] = {}
-    with storage.output_dir(str(out)) as tmp:
+    with storage.output_dir(str(out), PREPARE) as tmp:
         tmp = Path(tmp)
         loaded: dict[str, datasets.Splits] = {}
         for side in SIDES:
@@ -157,9 +146,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
                     raise DataError(f"config key 'data.{side}.root': empty; give the {dom.name} dataset's location")
                 log.info("parsing %s dataset at %s", dom.name, dom.root)
                 splits = datasets.load(dom.name, dom.root)
-            _check_nonempty(side, splits)
-            if side == "source":
-                _check_source_labelled(splits)
+            _check_role(side, splits)
             loaded[side] = splits
             for split, st in splits.stats().items():
                 metrics[f"{side}_{split}_images"] = st["images"]
@@ -167,7 +154,7 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
                 metrics[f"{side}_{split}_cameras"] = st["cameras"]
                 if "unlabelled" in st:
                     metrics[f"{side}_{split}_unlabelled"] = st["unlabelled"]
-        write_manifest(tmp, loaded["source"], loaded["target"])
-        (tmp / "stats.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        artifacts.write_manifest(tmp, loaded["source"], loaded["target"])
+        artifacts.write_json(tmp / artifacts.DATA_STATS, metrics, indent=1)
     log.info("prepare-data: manifest written to %s", out)
     return metrics

@@ -16,7 +16,6 @@ figure) and the alias ``candidate`` points at it; ``lf2 promote`` decides about 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -24,26 +23,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .. import storage, tracking
+from .. import artifacts, tracking
 from ..config import Config
 from ..errors import CheckpointError, DataError
+from ..features import RANK_METRICS
+from ..variants import get_variant
 
 log = logging.getLogger(__name__)
 
 
-def _resolve(uri: str, filename: str) -> str:
-    """``uri`` itself if it names a file, else ``uri/filename``."""
-    if str(uri).endswith((".pt", ".pth", ".json")):
-        return str(uri)
-    return storage.join(uri, filename)
-
-
 class EvalFeatureModel(torch.nn.Module):
-    """The evaluated network as one module: ``[B, 3, H, W]`` -> L2-normalised feature ``[B, D]``.
-
-    ``variant`` ``lf2`` / ``source``: the network's own eval forward; ``mt_global``: the normalised global
-    feature only (what ``evaluate`` measures for the MT baseline).
-    """
+    """The evaluated network as one module: ``[B, 3, H, W]`` -> L2-normalised feature ``[B, D]``
+    (``Variant.test_feature`` of ``variant``: what ``evaluate`` measures)."""
 
     def __init__(self, net: torch.nn.Module, variant: str) -> None:
         super().__init__()
@@ -51,30 +42,33 @@ class EvalFeatureModel(torch.nn.Module):
         self.variant = variant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.variant == "mt_global":
-            return torch.nn.functional.normalize(self.net.features(x).global_feat, dim=1)
-        return self.net(x)
+        return get_variant(self.variant, trainable=False).test_feature(self.net, x)
 
 
 def load_eval_model(cfg: Config, model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The teacher of a finetune output as the eval-mode module ``evaluate`` measured (CPU) + info."""
-    from .evaluate import load_eval_network
-
-    net, _, info = load_eval_network(cfg, model_uri)
+    net, _, info = artifacts.read_model(cfg, model_uri).eval_network()
     if info["kind"] != "lf2":
         raise CheckpointError(f"checkpoint {info['checkpoint']}: kind {info['kind']!r}, register expects an "
                               f"'lf2' teacher (a finetune output)")
     return EvalFeatureModel(net.cpu(), info["variant"]).eval(), info
 
 
+RETRIEVAL_METRICS = RANK_METRICS  # fractions; the promotion gate compares mAP
+
+
 def read_metrics(metrics_uri: str) -> dict[str, Any]:
-    path = _resolve(metrics_uri, "metrics.json")
-    try:
-        data = json.loads(storage.read_bytes(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid metrics JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object of metrics")
+    """An evaluate output's metrics (``artifacts.read_metrics``), validated: ``mAP`` present and every
+    retrieval metric a number in [0, 1] (a bad file must not move the ``candidate`` alias); DataError
+    naming the file and key."""
+    data = artifacts.read_metrics(metrics_uri)
+    path = artifacts.locate(metrics_uri, artifacts.METRICS)
+    for key in RETRIEVAL_METRICS:
+        v = data.get(key)
+        if key == "mAP" and v is None:
+            raise DataError(f"{path}: no 'mAP' (an evaluate output holds mAP, R1, R5, R10, mINP)")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+            raise DataError(f"{path}: metric '{key}' must be a number in [0, 1], got {v!r}")
     return data
 
 

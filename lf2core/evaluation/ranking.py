@@ -1,21 +1,6 @@
-"""Person re-ID retrieval metrics (mAP, CMC, mINP), distances and k-reciprocal re-ranking.
+"""Ranking metrics of a distance matrix: ``evaluate_rank`` (mAP, CMC, mINP) and ``valid_topk``.
 
-Protocol (torchreid / Market-1501, the one every UDA re-ID paper reports):
-
-- For each query, gallery entries with the **same identity AND the same camera** as the query are
-  dropped (they are too easy); gallery entries of other identities (including distractors, pid 0) stay.
-- A query with no remaining true match is skipped; if no query has one, ``ValueError`` is raised.
-- Ranking: gallery sorted by ascending distance with a **stable sort, so ties are broken by gallery
-  index** (the lower index ranks first). This is deterministic; sklearn's ``average_precision_score``
-  treats tied scores as one threshold instead, so the two agree exactly only when there are no ties
-  between a true match and a non-match.
-- CMC (market1501 style): ``cmc[k]`` = fraction of valid queries with a true match among their top k+1.
-  ``cmc`` always has ``max_rank`` entries; positions beyond the number of gallery entries a query keeps
-  are 1 for that query (its matches are all ranked by then).
-- AP of a query = mean over its true matches of the precision at the match's rank; mAP = mean AP.
-- mINP (Ye et al. 2021, as in torchreid): INP = num_true_matches / (rank of the hardest match, 1-based).
-
-All metrics are fractions in [0, 1].
+The protocol is described in ``lf2core.evaluation``.
 
 Implementation: queries are processed in chunks of ~4M distances (~20 bytes of scratch per distance, so
 ~80 MB per chunk), chunks run on a small thread pool. Each chunk is ranked by one sort of packed
@@ -26,72 +11,18 @@ sharing the query's identity are touched. No Python loop over queries or gallery
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import Lf2Error
-
-ArrayLike = Union[np.ndarray, torch.Tensor]
+from .inputs import ArrayLike, EvaluationError, check_inputs
 
 # Elements of the [chunk, G] working arrays per chunk (~20 bytes each at peak: float32 copy, int32 bits,
 # int64 keys/order, bool match), i.e. ~80 MB of scratch per concurrent chunk whatever the problem size.
 _CHUNK_ELEMENTS = 1 << 22
 # Chunks evaluated concurrently (each holds its own scratch arrays).
 _MAX_WORKERS = 4
-
-
-class EvaluationError(Lf2Error, ValueError):
-    """Inputs to the evaluation are inconsistent (shapes, NaN distances, no valid query)."""
-
-
-def _as_tensor(x: ArrayLike, name: str, *, floating: bool) -> torch.Tensor:
-    """A CPU tensor view of ``x`` (no copy for numpy arrays / CPU tensors of a supported dtype)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu()
-    else:
-        try:
-            arr = np.ascontiguousarray(np.asarray(x))
-            if not arr.flags.writeable or not arr.dtype.isnative:  # read-only memmap / big-endian: copy
-                arr = arr.astype(arr.dtype.newbyteorder("="), copy=True)
-            t = torch.from_numpy(arr)
-        except TypeError as exc:  # object arrays, strings...
-            raise EvaluationError(f"{name}: cannot convert to a numeric array ({exc})") from exc
-    if floating:
-        if not t.is_floating_point():
-            t = t.to(torch.float64)
-        elif t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-    else:
-        if t.is_floating_point() or t.is_complex():
-            if not torch.equal(t, t.round()):
-                raise EvaluationError(f"{name}: expected integer ids, got non-integer values")
-        t = t.to(torch.int64)
-    return t
-
-
-def _check_inputs(
-    distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    d = _as_tensor(distmat, "distmat", floating=True)
-    qp = _as_tensor(q_pids, "q_pids", floating=False).reshape(-1)
-    gp = _as_tensor(g_pids, "g_pids", floating=False).reshape(-1)
-    qc = _as_tensor(q_camids, "q_camids", floating=False).reshape(-1)
-    gc = _as_tensor(g_camids, "g_camids", floating=False).reshape(-1)
-    if d.dim() != 2:
-        raise EvaluationError(f"distmat: expected a 2-D [num_query, num_gallery] array, got shape {tuple(d.shape)}")
-    nq, ng = d.shape
-    for name, t, n in (("q_pids", qp, nq), ("q_camids", qc, nq), ("g_pids", gp, ng), ("g_camids", gc, ng)):
-        if t.numel() != n:
-            raise EvaluationError(
-                f"{name}: has {t.numel()} entries but distmat has shape {tuple(d.shape)} (expected {n})"
-            )
-    if nq == 0 or ng == 0:
-        raise EvaluationError(f"distmat: empty problem, shape {tuple(d.shape)}")
-    if torch.isnan(d).any():
-        raise EvaluationError("distmat: contains NaN distances")
-    return d, qp, gp, qc, gc
 
 
 def _packed_keys(d: torch.Tensor) -> np.ndarray:
@@ -281,7 +212,7 @@ def evaluate_rank(
     if int(max_rank) < 1:
         raise EvaluationError(f"max_rank: must be >= 1, got {max_rank}")
     max_rank = int(max_rank)
-    d, qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
+    d, qp, gp, qc, gc = check_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     nq, ng = d.shape
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // ng)
@@ -342,7 +273,7 @@ def valid_topk(
         indices [Q, topk] int64 gallery indices (-1 pads queries with fewer than ``topk`` kept entries),
         hits [Q, topk] bool (True where the gallery entry has the query's pid).
     """
-    d, qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
+    d, qp, gp, qc, gc = check_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     nq, ng = d.shape
     topk = int(topk)
     indices = np.full((nq, topk), -1, dtype=np.int64)
@@ -365,150 +296,3 @@ def valid_topk(
         hits[s:e, :k] = (hit & ok).numpy()
     return indices, hits
 
-
-def _to_float_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    t = _as_tensor(x, name, floating=True)
-    if t.dim() != 2:
-        raise EvaluationError(f"{name}: expected a 2-D [N, D] feature array, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise EvaluationError(f"{name}: contains NaN or infinite values")
-    return t
-
-
-def pairwise_distance(q: ArrayLike, g: ArrayLike, *, chunk_size: int = 1024) -> np.ndarray:
-    """Squared Euclidean distances ``||q_i - g_j||^2`` (= 2 - 2 q.g for L2-normalised features).
-
-    Args:
-        q: [Q, D] query features; g: [G, D] gallery features (numpy or torch; computed in float32,
-            or float64 if both inputs are float64).
-        chunk_size: query rows per matrix product.
-
-    Returns:
-        [Q, G] numpy array, clipped below at 0.
-    """
-    qt = _to_float_tensor(q, "q")
-    gt = _to_float_tensor(g, "g")
-    if qt.shape[1] != gt.shape[1]:
-        raise EvaluationError(f"feature dimensions differ: q has {qt.shape[1]}, g has {gt.shape[1]}")
-    dtype = torch.float64 if (qt.dtype == torch.float64 and gt.dtype == torch.float64) else torch.float32
-    qt, gt = qt.to(dtype), gt.to(dtype)
-    g2 = (gt * gt).sum(1)  # [G]
-    out = torch.empty(qt.shape[0], gt.shape[0], dtype=dtype)
-    for s in range(0, qt.shape[0], chunk_size):
-        qc = qt[s : s + chunk_size]
-        blk = out[s : s + chunk_size]
-        torch.mm(qc, gt.t(), out=blk)
-        blk.mul_(-2).add_((qc * qc).sum(1, keepdim=True)).add_(g2[None, :]).clamp_(min=0)
-    return out.numpy()
-
-
-def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def rerank(
-    q_feat: ArrayLike,
-    g_feat: ArrayLike,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-) -> np.ndarray:
-    """k-reciprocal re-ranking (Zhong et al., CVPR 2017) of a query x gallery problem.
-
-    Features are L2-normalised, then ``X = [q_feat; g_feat]`` ([N = Q+G, D]) goes through
-    ``lf2core.cluster.jaccard_distance(X, k1, k2)`` (sparse k-reciprocal Jaccard distance; absent
-    entries mean distance 1). The final distance is
-
-        final[i, j] = (1 - lambda) * jaccard[i, Q + j] + lambda * orig[i, j]
-
-    with ``orig[i, j] = d(q_i, g_j) / max_{x in X} d(q_i, x)`` and ``d`` the squared Euclidean distance of
-    the normalised features: the original distance scaled to [0, 1] by the query's largest distance to
-    any query or gallery feature, as in the reference implementation (which normalises the rows of its
-    full (Q+G) x (Q+G) distance matrix by their maxima; the common re-implementations square the
-    distances once more, which we do not).
-
-    Args:
-        q_feat: [Q, D]; g_feat: [G, D] features (numpy or torch).
-        k1, k2: neighbourhood sizes (k1 must be < Q + G).
-        lambda_value: weight of the original distance, in [0, 1].
-
-    Returns:
-        [Q, G] float32 numpy distance matrix.
-    """
-    if not 0.0 <= float(lambda_value) <= 1.0:
-        raise EvaluationError(f"lambda_value: must be in [0, 1], got {lambda_value}")
-    qt = _to_float_tensor(q_feat, "q_feat").float()
-    gt = _to_float_tensor(g_feat, "g_feat").float()
-    if qt.shape[1] != gt.shape[1]:
-        raise EvaluationError(f"feature dimensions differ: q_feat has {qt.shape[1]}, g_feat has {gt.shape[1]}")
-    nq, ng = qt.shape[0], gt.shape[0]
-    if int(k1) >= nq + ng:
-        raise EvaluationError(f"k1: must be smaller than the number of query + gallery features ({nq + ng}), got {k1}")
-    try:
-        from .cluster import jaccard_distance
-    except ImportError as exc:  # pragma: no cover - depends on the cluster module being present
-        raise NotImplementedError(
-            "rerank needs lf2core.cluster.jaccard_distance, which is not available in this build"
-        ) from exc
-    x = _l2_normalise(torch.cat([qt, gt], 0))
-    xq, xg = x[:nq], x[nq:]
-    jac = jaccard_distance(x.numpy(), k1=int(k1), k2=int(k2))
-    jac = jac.tocsr()[:nq].tocoo()
-    final = np.ones((nq, ng), dtype=np.float32)
-    gmask = jac.col >= nq
-    final[jac.row[gmask], jac.col[gmask] - nq] = jac.data[gmask]
-    final *= 1.0 - float(lambda_value)
-    d_qg = torch.from_numpy(pairwise_distance(xq, xg))  # [Q, G] float32
-    row_max = d_qg.amax(dim=1)
-    chunk = 1024
-    for s in range(0, nq, chunk):  # max over query rows too, in chunks
-        row_max[s : s + chunk] = torch.maximum(
-            row_max[s : s + chunk], torch.from_numpy(pairwise_distance(xq[s : s + chunk], xq)).amax(dim=1)
-        )
-    d_qg.div_(row_max.clamp_min(1e-12)[:, None]).mul_(float(lambda_value))  # in place: no extra [Q, G]
-    final += d_qg.numpy()
-    return final
-
-
-_rerank = rerank  # evaluate_features' ``rerank`` flag shadows the function name
-
-
-def evaluate_features(
-    q_feat: ArrayLike,
-    g_feat: ArrayLike,
-    q_pids: ArrayLike,
-    g_pids: ArrayLike,
-    q_camids: ArrayLike,
-    g_camids: ArrayLike,
-    rerank: bool = False,
-    *,
-    max_rank: int = 50,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-) -> dict[str, Any]:
-    """Distances (squared Euclidean, or re-ranked) then ``evaluate_rank``.
-
-    Args:
-        q_feat: [Q, D], g_feat: [G, D] features (L2-normalised by the extractor); ids as in ``evaluate_rank``.
-        rerank: use k-reciprocal re-ranking (``rerank(q_feat, g_feat, k1, k2, lambda_value)``).
-
-    Returns:
-        ``{"mAP", "R1", "R5", "R10", "mINP"}`` (floats in [0, 1]), ``"cmc"`` [max_rank] and
-        ``"distmat"`` [Q, G] numpy (for the rank-list plot).
-    """
-    if rerank:
-        distmat = _rerank(q_feat, g_feat, k1=k1, k2=k2, lambda_value=lambda_value)
-    else:
-        distmat = pairwise_distance(q_feat, g_feat)
-    res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max(10, int(max_rank)))
-    cmc = res["cmc"]
-    return {
-        "mAP": res["mAP"],
-        "R1": float(cmc[0]),
-        "R5": float(cmc[4]),
-        "R10": float(cmc[9]),
-        "mINP": res["mINP"],
-        "cmc": cmc[: int(max_rank)],
-        "distmat": distmat,
-    }

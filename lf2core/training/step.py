@@ -1,5 +1,5 @@
-"""LF2 stage-2 training logic: the mean-teacher optimisation step (a reference and a fast version with
-the same math), the round's deterministic loaders, the optimiser, and the epoch loop.
+"""The LF2 mean-teacher optimisation step: a reference and a fast version with the same math, the loss,
+the optimiser and the EMA step counter.
 
 One optimisation step of the released recipe (``SingelmeanTrainer``), per iteration ``i`` of epoch ``e``
 of round ``r`` (global step ``t = (r * epochs_per_round + e) * iters_per_epoch + i``):
@@ -33,35 +33,26 @@ and BN buffers (to ~1e-5) on the same weights and inputs.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import time
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from .losses import CrossEntropyLabelSmooth, SoftTripletLoss
-from .models.lf2 import LF2Output
-from .models.teacher import MeanTeacher
-
-log = logging.getLogger(__name__)
-
-LABEL_SETS = ("global", "upper", "lower")
-VARIANTS = ("lf2", "mt_global")
-
+from ..losses import CrossEntropyLabelSmooth, SoftTripletLoss
+from ..models.lf2 import LF2Output
+from ..models.teacher import MeanTeacher
+from ..variants import Variant, get_variant
 
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
 class StepSettings:
     """Everything one optimisation step needs besides weights and data (from ``cfg.finetune``)."""
 
-    variant: str = "lf2"  # lf2 | mt_global (global label set only)
+    variant: str = "lf2"  # a trainable name of ``lf2core.variants.VARIANTS``
     part_loss_weight: float = 0.5
     fusion_loss_weight: float = 0.0
     label_smoothing: float = 0.1
@@ -69,8 +60,7 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, finetune_cfg: Any) -> "StepSettings":
-        if finetune_cfg.variant not in VARIANTS:
-            raise ValueError(f"config key 'finetune.variant': {finetune_cfg.variant!r} is not one of {list(VARIANTS)}")
+        get_variant(finetune_cfg.variant)  # ValueError naming the key for an unknown variant
         return cls(
             variant=finetune_cfg.variant,
             part_loss_weight=float(finetune_cfg.part_loss_weight),
@@ -81,7 +71,12 @@ class StepSettings:
 
     def num_batches(self, num_parts: int) -> int:
         """Batches per step: 1 + K for LF2, 1 for ``mt_global``."""
-        return 1 if self.variant == "mt_global" else 1 + num_parts
+        return self.method.num_batches(num_parts)
+
+    @property
+    def method(self) -> Variant:
+        """The variant object (``lf2core.variants``)."""
+        return get_variant(self.variant)
 
 
 class Criteria:
@@ -324,235 +319,3 @@ def global_step(round_index: int, epoch: int, iteration: int, epochs_per_round: 
     """EMA step counter across rounds: ``(round * epochs_per_round + epoch) * iters_per_epoch + iteration``."""
     return (round_index * epochs_per_round + epoch) * iters_per_epoch + iteration
 
-
-# ------------------------------------------------------------------------------------------ data
-def _seed_words(*keys: int) -> list[int]:
-    return [int(k) & 0xFFFFFFFF for k in keys]
-
-
-class SeededBatchSampler:
-    """Wraps a batch sampler of index lists into lists of ``(index, seed)``: the augmentation of every
-    image is seeded by (``key``, batch number, position), so batch ``b`` is the same whatever the number
-    of workers and whether the epoch is run in one go or resumed at ``start``."""
-
-    def __init__(self, base: Any, key: Sequence[int], start: int = 0) -> None:
-        self.base = base
-        self.key = _seed_words(*key)
-        self.start = int(start)
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.start)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for b, batch in enumerate(self.base):
-            if b < self.start:
-                continue
-            seeds = np.random.SeedSequence(self.key + [b]).generate_state(len(batch), dtype=np.uint64)
-            yield [(int(i), int(s & 0x7FFFFFFFFFFFFFFF)) for i, s in zip(batch, seeds)]
-
-
-class SeededDataset(Dataset):
-    """``dataset[(index, seed)]`` = ``dataset[index]`` computed under ``torch.manual_seed(seed)`` (forked
-    RNG, so the caller's generator state is untouched)."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.base[index]
-
-
-def round_loaders(
-    samples: Sequence[Any],
-    label_sets: Sequence[np.ndarray],
-    transform: Callable[[Any], Any],
-    batch_size: int,
-    num_instances: int,
-    iters_per_epoch: int,
-    seed: int,
-    round_index: int,
-    epoch: int,
-    start: int = 0,
-    num_workers: int = 0,
-) -> list[DataLoader]:
-    """One identity-balanced loader per label set for ``epoch`` of ``round_index``, from batch ``start``.
-
-    The batches (identities, images, augmentation) are a function of (seed, round, epoch, label set,
-    batch number) only.
-    """
-    from .data.loaders import ImageDataset
-    from .data.samplers import IdentityBatchSampler
-
-    camids = np.fromiter((s.camid for s in samples), dtype=np.int64, count=len(samples))
-    loaders = []
-    for k, labels in enumerate(label_sets):
-        sampler_seed = int(np.random.SeedSequence(_seed_words(seed, round_index, k, 17)).generate_state(1)[0])
-        base = IdentityBatchSampler(labels, camids, batch_size, num_instances, iters_per_epoch, sampler_seed)
-        base.set_epoch(epoch)
-        sampler = SeededBatchSampler(base, (seed, round_index, epoch, k, 29), start)
-        ds = SeededDataset(ImageDataset(samples, transform, labels))
-        loaders.append(
-            DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available())
-        )
-    return loaders
-
-
-# ------------------------------------------------------------------------------------------ labels
-def prepare_label_sets(
-    raw: Mapping[str, np.ndarray], policy: str, variant: str = "lf2"
-) -> tuple[list[np.ndarray], int]:
-    """Label arrays for the loaders and the number of global classes.
-
-    ``raw``: ``global``/``upper``/``lower`` int arrays [N] with -1 = DBSCAN outlier. The outlier policy
-    (``drop``: never sampled; ``singleton``: a class each) is applied to every set, then the global labels
-    are renumbered 0..G-1 in order of first label value (empty k-means clusters disappear), -1 kept.
-    Returns ([global, upper, lower] or [global] for ``mt_global``, G).
-    """
-    from .cluster import apply_outlier_policy
-
-    names = LABEL_SETS[:1] if variant == "mt_global" else LABEL_SETS
-    sets = [apply_outlier_policy(np.asarray(raw[n]), policy) for n in names]  # type: ignore[arg-type]
-    g = sets[0]
-    valid = g >= 0
-    uniq, inv = np.unique(g[valid], return_inverse=True)
-    renum = np.full_like(g, -1)
-    renum[valid] = inv
-    sets[0] = renum
-    return sets, int(len(uniq))
-
-
-def class_centroids(features: np.ndarray, labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Mean feature per class 0..num_classes-1 (labels < 0 ignored), rows L2-normalised: [G, D] float32."""
-    f = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    keep = y >= 0
-    sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
-    sums.index_add_(0, y[keep], f[keep].double())
-    return F.normalize(sums.float(), dim=1)
-
-
-# ------------------------------------------------------------------------------------------ epoch loop
-@dataclass
-class EpochResult:
-    metrics: dict[str, float]
-    completed: bool  # False when stopped early by ``stop_after`` (tests) -- state was saved
-
-
-class Finetuner:
-    """Runs epochs of one round on a ``MeanTeacher``. ``step_fn`` is ``fast_step`` (default) or
-    ``reference_step``; ``save_fn(epoch, next_iteration, optimizer, partial_metrics)`` persists the
-    resumable state (called every ``checkpoint_every`` iterations inside an epoch when > 0)."""
-
-    def __init__(
-        self,
-        mt: MeanTeacher,
-        settings: StepSettings,
-        num_classes: int,
-        lr: float,
-        weight_decay: float,
-        device: torch.device,
-        *,
-        fast: bool = True,
-        channels_last: Optional[bool] = None,
-        amp: bool = False,
-    ) -> None:
-        self.mt = mt
-        self.settings = settings
-        self.crit = Criteria(num_classes, settings.label_smoothing)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.device = device
-        self.fast = fast
-        self.channels_last = (device.type == "cuda") if channels_last is None else channels_last
-        self.autocast_dtype: Optional[torch.dtype] = None
-        self.scaler = None
-        if amp and device.type == "cuda" and fast:
-            if torch.cuda.is_bf16_supported():
-                self.autocast_dtype = torch.bfloat16
-            else:
-                self.autocast_dtype = torch.float16
-                self.scaler = torch.amp.GradScaler("cuda")
-        if self.channels_last:
-            mt.to(memory_format=torch.channels_last)
-
-    def new_optimizer(self) -> torch.optim.Adam:
-        """A fresh Adam (the released code builds one per epoch)."""
-        return make_optimizer(self.mt, self.lr, self.weight_decay)
-
-    def step(self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch], step: int,
-             teacher_pass: bool = True) -> StepResult:
-        batches = [
-            (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches
-        ]
-        if self.fast:
-            return fast_step(
-                self.mt, optimizer, batches, step, self.crit, self.settings, channels_last=self.channels_last,
-                autocast_dtype=self.autocast_dtype, scaler=self.scaler, teacher_pass=teacher_pass,
-            )
-        return reference_step(self.mt, optimizer, batches, step, self.crit, self.settings)
-
-    def run_epoch(
-        self,
-        loaders: Sequence[DataLoader],
-        optimizer: torch.optim.Optimizer,
-        first_step: int,
-        start: int,
-        iters: int,
-        save_fn: Optional[Callable[[int, torch.optim.Optimizer, dict[str, float]], None]] = None,
-        checkpoint_every: int = 0,
-        sums: Optional[dict[str, float]] = None,
-        progress: Optional[Any] = None,
-        stop_after: Optional[int] = None,
-        teacher_from: int = 0,
-    ) -> EpochResult:
-        """Iterations ``start..iters-1`` of an epoch (global step ``first_step + i``).
-
-        ``sums``: running sums of the logged terms of iterations before ``start`` (resume). Returns mean
-        terms (``loss``, ``ce``, ``tri_*``, ``acc``, ``alpha``, ``data_seconds``, ``step_seconds``).
-        ``stop_after``: stop (after saving) once this many iterations of the epoch are done (tests).
-        ``teacher_from``: first iteration that runs the teacher/Fuse forwards (``teacher_tail``).
-        """
-        sums = dict(sums or {})
-        iterators = [iter(dl) for dl in loaders]
-        t_data = t_step = 0.0
-        for i in range(start, iters):
-            t0 = time.perf_counter()
-            batches = []
-            for it in iterators:
-                x, y, _, _ = next(it)
-                batches.append((x, y))
-            t1 = time.perf_counter()
-            if i >= teacher_from:
-                res = self.step(optimizer, batches, first_step + i)
-            else:
-                res = self.step(optimizer, batches, first_step + i, teacher_pass=False)
-            vals = {"loss": float(res.loss), "alpha": res.alpha}
-            vals.update({k: float(v) for k, v in res.terms.items()})
-            t2 = time.perf_counter()
-            t_data += t1 - t0
-            t_step += t2 - t1
-            vals["data_seconds"] = t1 - t0
-            vals["step_seconds"] = t2 - t1
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if not math.isfinite(vals["loss"]):
-                raise FloatingPointError(f"finetune: loss is {vals['loss']} at global step {first_step + i}")
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{vals['loss']:.3f}", acc=f"{vals['acc']:.2f}")
-            done = i + 1
-            stop = stop_after is not None and done >= stop_after and done < iters
-            if save_fn is not None and done < iters and (stop or (checkpoint_every > 0 and done % checkpoint_every == 0)):
-                save_fn(done, optimizer, sums)
-            if stop:
-                return EpochResult(sums, completed=False)
-        n = max(1, iters)
-        means = {k: v / n for k, v in sums.items()}
-        means["alpha"] = float(res.alpha) if iters > start else means.get("alpha", 0.0)
-        return EpochResult(means, completed=True)
