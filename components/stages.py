@@ -23,7 +23,10 @@ from types import SimpleNamespace
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-DEFAULT_IMAGE = "ghcr.io/lf2-reid/lf2:0.1.0"
+from components.image import default_image
+
+# what `make images` tags for this checkout (lf2:<version>-<git sha>), or $LF2_IMAGE
+DEFAULT_IMAGE = default_image()
 
 
 def resolve_config(recipe: str, overrides: str, source_root: str, target_root: str, experiment: str,

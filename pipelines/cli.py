@@ -2,7 +2,14 @@
 
     lf2 pipeline compile --out lf2.yaml [--target local|kubeflow] [--gpus N] [--image IMG] [-c RECIPE] [--rounds N]
     lf2 pipeline run --out runs/p1 [-c RECIPE] [-s key=value ...] [--object-prefix s3://b/p] [--experiment E]
+                     [--runner subprocess|docker] [--image IMG]
     lf2 pipeline submit --host URL [--package lf2.yaml | -c RECIPE ...] [--experiment E] [--run-name N]
+
+``run --runner docker`` runs every component in the project image (``make images``) through
+``kfp.local.DockerRunner``, with host networking, as the image's non-root user; the S3 and MLflow
+settings of this environment (``AWS_*``, ``MLFLOW_*``) are passed to the containers, which see only the
+pipeline root (``--out``): MLflow must be a server (``MLFLOW_TRACKING_URI=http://...``) and the datasets
+synthetic or in S3.
 
 The number of rounds is unrolled at compile time: it defaults to ``finetune.rounds`` of the recipe after
 the overrides, and the compiled pipeline refuses a config asking for another number.
@@ -51,27 +58,104 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# environment passed to the containers of ``--runner docker`` (only the names are ever logged, never values)
+DOCKER_ENV_PREFIXES = ("AWS_", "MLFLOW_", "LF2_S3_")
+DOCKER_ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def docker_environment(environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The S3 / MLflow / threading settings of ``environ`` that the component containers need."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if k.startswith(DOCKER_ENV_PREFIXES) or k in DOCKER_ENV_NAMES}
+
+
+def _docker_client() -> Any:
+    try:
+        import docker
+
+        c = docker.from_env(timeout=120)
+        c.ping()
+        return c
+    except Exception as e:  # no socket, engine down, permission denied
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise Lf2Error(f"--runner docker: no Docker engine answers at {host} ({first[:160]}); start one "
+                       "(docker/engine.sh start) or use --runner subprocess") from None
+
+
+def docker_runner(image: str, pipeline_root: Path, workspace: Path, tracking_uri: str,
+                  environ: Optional[dict[str, str]] = None) -> Any:
+    """A ``kfp.local.DockerRunner`` for ``image``: host network, the image's non-root user, the S3/MLflow
+    environment; the pipeline root and workspace are made writable for that user. Lf2Error (one line) when
+    the MLflow store, the engine or the image will not do."""
+    from kfp import local
+
+    scheme = tracking_uri.split("://", 1)[0].lower() if "://" in tracking_uri else ""
+    if scheme not in ("http", "https", "databricks"):
+        raise Lf2Error(f"--runner docker: the MLflow store {tracking_uri!r} is not reachable from the containers "
+                       "(they see only the pipeline root); set MLFLOW_TRACKING_URI to an MLflow server "
+                       "(make demo-docker starts one)")
+    client = _docker_client()
+    try:
+        try:
+            img = client.images.get(image)
+        except Exception:
+            raise Lf2Error(f"--runner docker: image {image} is not in the local engine; build it with "
+                           "`make images` (or pass --image)") from None
+        user = (img.attrs.get("Config") or {}).get("User") or ""
+    finally:
+        client.close()
+    uid_s, _, gid_s = user.partition(":")
+    if not uid_s.isdigit() or int(uid_s) == 0:
+        raise Lf2Error(f"--runner docker: image {image} does not run as a numeric non-root user (USER {user!r})")
+    uid, gid = int(uid_s), int(gid_s or uid_s)
+    run_as, home = f"{uid}:{gid}", "/home/lf2"
+    if os.geteuid() == 0:  # hand the mounted folders to the image's user (outputs of earlier runs included)
+        for top in (pipeline_root, workspace):
+            os.chown(top, uid, gid)
+            for dirpath, dirnames, filenames in os.walk(top):
+                for name in dirnames + filenames:
+                    os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    else:  # no chown without root: run as the caller, who owns the folders; the image's HOME is not theirs
+        run_as, home = f"{os.getuid()}:{os.getgid()}", "/tmp"
+    env = {**docker_environment(environ), "HOME": home}
+    if home == "/tmp":
+        env.update(XDG_CACHE_HOME="/tmp/.cache", LF2_CACHE_DIR="/tmp/.cache/lf2", MPLCONFIGDIR="/tmp/.cache/mpl",
+                   TORCH_HOME="/tmp/.cache/torch")
+    log.info("DockerRunner: image %s, user %s, host network, environment %s", image, run_as, sorted(env))
+    return local.DockerRunner(network_mode="host", user=run_as, environment=env)
+
+
 def run_pipeline_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
               run_name: str = "", source_root: str = "", target_root: str = "", resume_run_id: str = "",
-              cache: bool = True, image: Optional[str] = None) -> dict[str, Any]:
-    """Run the pipeline with ``kfp.local.SubprocessRunner`` in this Python environment.
+              cache: bool = True, image: Optional[str] = None, runner: str = "subprocess") -> dict[str, Any]:
+    """Run the pipeline locally with kfp.local: ``runner="subprocess"`` (``SubprocessRunner`` in this
+    Python environment) or ``"docker"`` (``DockerRunner``: every component in ``image``, see ``docker_runner``).
 
     Outputs go under ``out/kfp`` (the local pipeline root; the KFP cache is ``out/kfp/.kfp_cache``).
-    Returns ``{"run_id", "version", "metrics", "seconds", "pipeline_root"}``.
+    Returns ``{"run_id", "version", "metrics", "seconds", "pipeline_root", "runner", "image"}``.
     """
     from kfp import local
 
     from components.stages import DEFAULT_IMAGE
     from pipelines.lf2_uda import build_pipeline
 
-    rounds = load_config(recipe, overrides).finetune.rounds
+    if runner not in ("subprocess", "docker"):
+        raise Lf2Error(f"--runner must be 'subprocess' or 'docker', got {runner!r}")
+    cfg = load_config(recipe, overrides)
+    rounds = cfg.finetune.rounds
+    image = image or DEFAULT_IMAGE
     root = Path(out, "kfp").resolve()
     root.mkdir(parents=True, exist_ok=True)
     workspace = Path(out, "kfp-workspace").resolve()
     workspace.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               workspace_root=str(workspace), enable_caching=cache)
-    fn = build_pipeline(rounds, image=image or DEFAULT_IMAGE, target="local")
+    if runner == "docker":
+        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+        kfp_runner = docker_runner(image, root, workspace, uri)
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=kfp_runner, pipeline_root=str(root), workspace_root=str(workspace), enable_caching=cache)
+    fn = build_pipeline(rounds, image=image, target="local")
     t0 = time.time()
     # the components import the repository's packages: make sure the subprocesses find them
     repo = str(Path(__file__).resolve().parent.parent)
@@ -98,6 +182,8 @@ def run_pipeline_local(recipe: str, overrides: list[str], out: str, *, object_pr
         "metrics": dict(getattr(metrics_art, "metadata", {}) or {}),
         "seconds": time.time() - t0,
         "pipeline_root": str(root),
+        "runner": runner,
+        "image": image if runner == "docker" else "",
     }
 
 
@@ -117,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
     res = run_pipeline_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
                     experiment=args.experiment or "", run_name=args.run_name or "", source_root=args.source_root or "",
                     target_root=args.target_root or "", resume_run_id=args.resume_run_id or "",
-                    cache=not args.no_cache, image=args.image)
+                    cache=not args.no_cache, image=args.image, runner=args.runner)
     print(json.dumps(res, indent=2, sort_keys=True, default=str))
     return 0
 
@@ -200,9 +286,11 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--retries", type=_at_least(0), default=None, help="retries per task (default 2 kubeflow, 0 local)")
     p.set_defaults(func=_compile)
 
-    p = sub.add_parser("run", help="run the pipeline locally (kfp.local, subprocesses in this venv)")
+    p = sub.add_parser("run", help="run the pipeline locally (kfp.local: subprocesses in this venv, or containers)")
     cfg_args(p)
     run_args(p)
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="subprocess: this venv; docker: every component in --image (kfp.local.DockerRunner)")
     p.add_argument("--out", required=True, help="local pipeline root")
     p.set_defaults(func=_run)
 

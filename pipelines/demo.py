@@ -7,8 +7,11 @@ registered as ``lf2-reid`` (alias ``candidate``) and promoted to ``champion`` if
 - default: MLflow in ``./mlflow.db`` with artifacts in ``./mlartifacts``; stage outputs under ``--out``;
 - ``--s3``: as production runs - a moto S3 server and an ``mlflow server`` (artifacts proxied to S3) are
   started on 127.0.0.1, stage outputs go to ``s3://lf2-demo/runs``, both servers are stopped at the end.
+- ``--runner docker`` (``make demo-docker``; implies ``--s3``): every component runs in the project image
+  (``--image``, default the ``make images`` tag) through ``kfp.local.DockerRunner`` on the host network,
+  reaching both servers on 127.0.0.1.
 
-    python -m pipelines.demo --out runs/demo [--s3] [-c demo] [-s finetune.rounds=2]
+    python -m pipelines.demo --out runs/demo [--s3] [--runner subprocess|docker] [--image IMG] [-c demo] [-s k=v]
 """
 
 import argparse
@@ -60,7 +63,7 @@ def _count_objects(bucket: str) -> tuple[int, int]:
 
 
 def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Optional[list[str]] = None,
-             cache: bool = True) -> dict[str, Any]:
+             cache: bool = True, runner: str = "subprocess", image: Optional[str] = None) -> dict[str, Any]:
     from lf2core import tracking
     from pipelines.cli import run_pipeline_local
 
@@ -68,6 +71,7 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
     outp = Path(out).resolve()
     outp.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
+    use_s3 = use_s3 or runner == "docker"  # the containers reach MLflow and the outputs through the servers
     os.environ.setdefault("LF2_CACHE_DIR", str(outp / "cache"))
     stack = contextlib.ExitStack()
     saved = dict(os.environ)
@@ -81,9 +85,13 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
             os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path('mlflow.db').resolve()}"
             os.environ["LF2_MLFLOW_ARTIFACTS"] = str(Path("mlartifacts").resolve())
             object_prefix = ""
-        print(f"running the lf2-uda pipeline locally (kfp.local), recipe {recipe} {' '.join(overrides)}", flush=True)
+        how = "subprocesses of this venv" if runner == "subprocess" else f"containers of {image or 'the lf2 image'}"
+        print(f"running the lf2-uda pipeline locally (kfp.local, {how}), recipe {recipe} {' '.join(overrides)}",
+              flush=True)
+        tag = "-docker" if runner == "docker" else ("-s3" if use_s3 else "")
         res = run_pipeline_local(recipe, overrides, str(outp), object_prefix=object_prefix, experiment="lf2-demo",
-                        run_name=f"demo{'-s3' if use_s3 else ''}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache)
+                                 run_name=f"demo{tag}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache,
+                                 runner=runner, image=image)
         decision = tracking.promote(version=res["version"] or None, alias="champion",
                                     tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
         aliases = tracking.describe_aliases("lf2-reid", os.environ["MLFLOW_TRACKING_URI"])
@@ -93,12 +101,14 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
                  ("aliases", ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))),
                  ("promotion", ("promoted: " if decision.promoted else "kept: ") + decision.reason),
                  ("pipeline seconds", float(res["seconds"])), ("total seconds", float(time.time() - t0))]
+        if runner == "docker":
+            rows.append(("image", res["image"]))
         if use_s3:
             n, size = _count_objects(DEMO_BUCKET)
             rows.append(("stage outputs", f"{n} objects, {size / 1e6:.1f} MB in s3://{DEMO_BUCKET}/runs"))
         print("\nlf2 demo results (target domain b, teacher model)\n" + _table(rows))
         summary = {**res, "promotion": decision.reason, "promoted": decision.promoted, "aliases": aliases,
-                   "total_seconds": time.time() - t0, "s3": use_s3}
+                   "total_seconds": time.time() - t0, "s3": use_s3, "recipe": recipe, "overrides": overrides}
         (outp / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
         if use_s3:
             print(f"\nThe S3 and MLflow servers are stopped now; their logs are in {outp / 'servers'}.")
@@ -120,13 +130,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-cache", action="store_true", help="recompute every step (KFP cache off)")
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="docker: every component in --image through kfp.local.DockerRunner (implies --s3)")
+    p.add_argument("--image", default=None, help="component image (default: the `make images` tag, or $LF2_IMAGE)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lf2core.config import ConfigError
     from lf2core.errors import Lf2Error
 
     try:
-        run_demo(args.out, args.s3, args.config, args.set, cache=not args.no_cache)
+        run_demo(args.out, args.s3, args.config, args.set, cache=not args.no_cache, runner=args.runner,
+                 image=args.image)
     except (Lf2Error, ConfigError) as e:
         print(f"lf2 demo: error: {e}", file=sys.stderr)
         return 2
