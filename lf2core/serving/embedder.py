@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import storage
+from .. import artifacts, storage
 from ..config import Config, config_from_dict
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, DataError
@@ -39,7 +39,7 @@ from .images import preprocess
 log = logging.getLogger(__name__)
 
 SERVING_FILE = "serving.json"  # in a pyfunc's data directory, next to the checkpoint
-CHECKPOINT_FILE = "teacher.pt"
+CHECKPOINT_FILE = artifacts.TEACHER  # the evaluated teacher, named as in a finetune output
 SERVING_FORMAT = "lf2-serving/1"
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 

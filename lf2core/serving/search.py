@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .. import storage
+from .. import artifacts, storage
 from ..config import Config
 from ..errors import DataError, Lf2Error
 from .embedder import Embedder, load_embedder
@@ -50,7 +50,7 @@ def resolve_gallery(spec: str, split: Optional[str] = None) -> tuple[list[str], 
     """``(names shown, local paths)`` of the gallery images (see the module doc); DataError if none."""
     spec = str(spec)
     if split:
-        if spec.rstrip("/").endswith(".json") or storage.exists(storage.join(spec, "manifest.json")):
+        if spec.rstrip("/").endswith(".json") or storage.exists(storage.join(spec, artifacts.MANIFEST)):
             from .. import artifacts
 
             local = [s.path for s in artifacts.read_split(spec, split)]
