@@ -51,7 +51,6 @@ def resolve_gallery(spec: str, split: Optional[str] = None) -> tuple[list[str], 
     spec = str(spec)
     if split:
         if spec.rstrip("/").endswith(".json") or storage.exists(storage.join(spec, artifacts.MANIFEST)):
-
             local = [s.path for s in artifacts.read_split(spec, split)]
         else:
             from ..data.datasets import detect_format, load
