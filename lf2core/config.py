@@ -30,7 +30,6 @@ class ConfigError(ValueError):
     """A bad recipe file, key or value. The message names the key or file at fault."""
 
 
-
 # --------------------------------------------------------------------------------------------- valid ranges
 def R(ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
       choices: tuple = (), pattern: str = "") -> dict[str, Any]:

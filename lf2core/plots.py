@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,7 +35,7 @@ class PlotError(Lf2Error, ValueError):
     """Inputs to a plot are inconsistent or empty."""
 
 
-def _save(fig: Figure, out_path: str, dpi: int) -> str:
+def save_png(fig: Figure, out_path: str, dpi: int) -> str:
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=dpi)
@@ -62,6 +62,36 @@ def _frame(ax: Any, color: str, width: float = 4.0) -> None:
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
         spine.set_linewidth(width)
+
+
+class RankCell(NamedTuple):
+    """One image of a rank-list row: its path (local or s3://), the title above it, the frame colour and
+    width, the title colour (None: default)."""
+
+    path: str
+    title: str
+    frame: str
+    width: float
+    title_color: Optional[str] = None
+
+
+def draw_rank_rows(fig: Figure, queries: Sequence[RankCell], topk: int,
+                   cell: Callable[[int, int], Optional[RankCell]], fontsize: float) -> None:
+    """Row ``r`` of ``fig``: ``queries[r]`` then ``cell(r, k)`` for ``k < topk`` (None: a blank cell); the
+    grid is ``len(queries)`` x ``topk + 1``. Shared by the evaluation rank list and ``lf2 search``."""
+    rows, cols = len(queries), topk + 1
+    for r, q in enumerate(queries):
+        for k, c in enumerate([q] + [cell(r, j) for j in range(topk)]):
+            ax = fig.add_subplot(rows, cols, r * cols + 1 + k)
+            if c is None:
+                ax.axis("off")
+                continue
+            ax.imshow(_thumbnail(c.path))
+            _frame(ax, c.frame, c.width)
+            if c.title_color is None:
+                ax.set_title(c.title, fontsize=fontsize)
+            else:
+                ax.set_title(c.title, fontsize=fontsize, color=c.title_color)
 
 
 def select_queries(
@@ -123,21 +153,15 @@ def ranklist_figure(
         y=1 - 0.12 / fig_h,
         va="top",
     )
-    for r, qi in enumerate(sel):
-        ax = fig.add_subplot(rows, cols, r * cols + 1)
-        ax.imshow(_thumbnail(str(query_paths[qi])))
-        _frame(ax, QUERY_COLOR, 3.0)
-        ax.set_title(f"query\nid {qp[qi]} c{qc[qi]}", fontsize=7, color=QUERY_COLOR)
-        for k in range(topk):
-            ax = fig.add_subplot(rows, cols, r * cols + 2 + k)
-            gi = int(idx[r, k])
-            if gi < 0:
-                ax.axis("off")
-                continue
-            ax.imshow(_thumbnail(str(gallery_paths[gi])))
-            color = HIT_COLOR if hits[r, k] else MISS_COLOR
-            _frame(ax, color)
-            ax.set_title(f"{k + 1}\nid {gp[gi]} c{gc[gi]}", fontsize=7, color=color)
+    def cell(r: int, k: int) -> Optional[RankCell]:
+        gi = int(idx[r, k])
+        if gi < 0:
+            return None
+        color = HIT_COLOR if hits[r, k] else MISS_COLOR
+        return RankCell(str(gallery_paths[gi]), f"{k + 1}\nid {gp[gi]} c{gc[gi]}", color, 4.0, color)
+
+    draw_rank_rows(fig, [RankCell(str(query_paths[qi]), f"query\nid {qp[qi]} c{qc[qi]}", QUERY_COLOR, 3.0,
+                                  QUERY_COLOR) for qi in sel], topk, cell, fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.9 / fig_h,
                         wspace=0.08, hspace=0.45)
     return fig
@@ -169,7 +193,7 @@ def ranklist_png(
     """
     fig = ranklist_figure(query_paths, gallery_paths, distmat, q_pids, g_pids, q_camids, g_camids,
                           num_queries=num_queries, topk=topk, seed=seed)
-    return _save(fig, out_path, dpi=100)
+    return save_png(fig, out_path, dpi=100)
 
 
 def _label_sets(stats: list[dict]) -> list[str]:
@@ -275,4 +299,4 @@ def cluster_stats_png(out_path: str, stats_per_round: list[dict]) -> str:
     Returns:
         ``out_path``.
     """
-    return _save(cluster_stats_figure(stats_per_round), out_path, dpi=90)
+    return save_png(cluster_stats_figure(stats_per_round), out_path, dpi=90)

@@ -149,7 +149,7 @@ def ranklist_png(out: str, query_names: Sequence[str], query_local: Sequence[str
     """One row per query: the query then its top-k gallery images, rank and distance above each."""
     from matplotlib.figure import Figure
 
-    from ..plots import QUERY_COLOR, _frame, _save, _thumbnail
+    from ..plots import QUERY_COLOR, RankCell, draw_rank_rows, save_png
 
     rows, k = len(query_local), idx.shape[1]
     cols = k + 1
@@ -157,22 +157,18 @@ def ranklist_png(out: str, query_names: Sequence[str], query_local: Sequence[str
     fig = Figure(figsize=(max(6.0, 0.95 * cols + 0.3), fig_h))
     fig.suptitle(f"lf2 search: top-{k} by squared Euclidean distance\n{model}", fontsize=8,
                  y=1 - 0.1 / fig_h, va="top")
-    for r in range(rows):
-        ax = fig.add_subplot(rows, cols, r * cols + 1)
-        ax.imshow(_thumbnail(query_local[r]))
-        _frame(ax, QUERY_COLOR, 3.0)
-        ax.set_title(f"query\n{Path(query_names[r]).name[:14]}", fontsize=6, color=QUERY_COLOR)
-        for j in range(k):
-            ax = fig.add_subplot(rows, cols, r * cols + 2 + j)
-            gi = int(idx[r, j])
-            if gi < 0:
-                ax.axis("off")
-                continue
-            ax.imshow(_thumbnail(gallery_local[gi]))
-            _frame(ax, "#555555", 1.5)
-            ax.set_title(f"{j + 1}: d={dist[r, j]:.3f}\n{Path(gallery_names[gi]).name[:14]}", fontsize=6)
+
+    def cell(r: int, j: int) -> Optional[RankCell]:
+        gi = int(idx[r, j])
+        if gi < 0:
+            return None
+        return RankCell(gallery_local[gi], f"{j + 1}: d={dist[r, j]:.3f}\n{Path(gallery_names[gi]).name[:14]}",
+                        "#555555", 1.5)
+
+    draw_rank_rows(fig, [RankCell(query_local[r], f"query\n{Path(query_names[r]).name[:14]}", QUERY_COLOR, 3.0,
+                                  QUERY_COLOR) for r in range(rows)], k, cell, fontsize=6)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.85 / fig_h, wspace=0.08, hspace=0.5)
-    return _save(fig, out, dpi=100)
+    return save_png(fig, out, dpi=100)
 
 
 def search(model: str, gallery: str, queries: Sequence[str], top_k: int = 10, split: Optional[str] = None,
