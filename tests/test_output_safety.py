@@ -14,7 +14,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from lf2core import storage
+from lf2core import checkpoint, storage
+from lf2core.config import Config
+from lf2core.stages.run_local import _Runner
+from lf2core.stages.table import PRETRAIN
 from lf2core.cli import main as lf2_main
 from lf2core.errors import StorageError
 
@@ -33,6 +36,12 @@ def _user_files_intact(base: str) -> bool:
 def _bucket_keys(bucket: str) -> set[str]:
     s3 = boto3.client("s3")
     return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that is certainly dead now
+    return proc.pid
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -134,9 +143,7 @@ def test_local_file_at_out_refused_even_with_overwrite(tmp_path: Path) -> None:
 
 
 def test_dead_scratch_is_removed_live_one_kept(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # a pid that is certainly dead now
-    dead = tmp_path / f".out.lf2-{proc.pid}-abc.partial"
+    dead = tmp_path / f".out.lf2-{_dead_pid()}-abc.partial"
     live = tmp_path / f".out.lf2-{os.getppid()}-abc.partial"
     user = tmp_path / ".out.mine.partial"  # not named like lf2's scratch: never touched
     for d in (dead, live, user):
@@ -144,6 +151,40 @@ def test_dead_scratch_is_removed_live_one_kept(tmp_path: Path) -> None:
     with storage.output_dir(str(tmp_path / "out"), "cluster") as d:
         (d / "labels.npz").write_bytes(b"L")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, user.name])
+
+
+def test_released_training_state_takes_killed_writers_temp_files_and_nothing_else(tmp_path: Path) -> None:
+    """A process killed while writing ``state.pt`` leaves ``.state.pt.lf2-PID-*.tmp`` in the work dir: the
+    release removes it with the state; a live writer's temp file, user files and the user's parent
+    directory (``LF2_WORK_DIR``) stay."""
+    parent = tmp_path / "my-work-dir"  # made by the user, holds nothing else
+    work = parent / "pretrain-abc"
+    work.mkdir(parents=True)
+    (work / "state.pt").write_bytes(b"S")
+    (work / f".state.pt.lf2-{_dead_pid()}-x1.tmp").write_bytes(b"half")
+    checkpoint.release_work_dir(str(work))
+    assert not work.exists() and parent.is_dir()
+    work.mkdir()
+    live = work / f".state.pt.lf2-{os.getppid()}-x2.tmp"
+    for f in (work / "state.pt", live, work / "notes.txt"):
+        f.write_bytes(b"1")
+    checkpoint.release_work_dir(str(work))
+    assert sorted(p.name for p in work.iterdir()) == sorted([live.name, "notes.txt"])
+
+
+def test_rerun_after_a_kill_between_commit_and_release_drops_the_state(tmp_path: Path) -> None:
+    """The pretrain output was committed but the process died before releasing ``<out>.partial``: the
+    rerun skips the complete stage and removes the stale state (the random-kill test found this)."""
+    out = str(tmp_path / "pretrain")
+    with storage.output_dir(out, PRETRAIN) as d:
+        (d / "model.pt").write_bytes(b"M")
+    work = Path(checkpoint.work_dir(out, PRETRAIN))
+    work.mkdir()
+    (work / "state.pt").write_bytes(b"S")
+    (work / f".state.pt.lf2-{_dead_pid()}-x.tmp").write_bytes(b"half")
+    assert _Runner(Config()).run(PRETRAIN, out) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
+    assert (tmp_path / "pretrain" / "model.pt").read_bytes() == b"M"
 
 
 def test_failed_stage_leaves_no_scratch(tmp_path: Path) -> None:

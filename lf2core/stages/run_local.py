@@ -32,6 +32,7 @@ import time
 from typing import Any, Optional
 
 from .. import artifacts, storage
+from ..checkpoint import release_work_dir, work_dir
 from ..config import Config, ConfigError
 from ..errors import StorageError
 from .table import CLUSTER, EVALUATE, EXTRACT, FINETUNE, PREPARE, PRETRAIN, stage
@@ -104,6 +105,8 @@ class _Runner:
             stage(name)(self.cfg, *inputs, out, **params)
             key = name.split("-")[0]
             self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+        elif name in (PRETRAIN, FINETUNE):  # a run killed between committing and releasing its state
+            release_work_dir(work_dir(out, name))
         return out
 
     def round(self, out: str, r: int, data: str, model: str, eval_every: int) -> tuple[str, dict[str, Any]]:

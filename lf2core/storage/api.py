@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import DataError, StorageError
 from . import local, s3
@@ -48,9 +48,13 @@ def upload_file(path: str | os.PathLike, uri: str) -> None:
     (s3.upload_file if is_remote(uri) else local.upload_file)(path, str(uri))
 
 
-def remove(uri: str) -> None:
-    """Delete one file/object; a local directory this leaves empty is removed too (lf2 made it)."""
-    (s3.remove if is_remote(uri) else local.remove)(str(uri))
+def remove(uri: str, root: Optional[str] = None) -> None:
+    """Delete one file/object; with ``root``, the local directories below ``root`` that this leaves empty
+    are removed too (lf2 made them)."""
+    if is_remote(uri):
+        s3.remove(str(uri))
+    else:
+        local.remove(str(uri), root)
 
 
 def read_npz(uri: str, what: str = "arrays") -> tuple[dict[str, Any], bytes]:

@@ -37,7 +37,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     its temp file and the directories it created."""
     p = local_of(uri)
     made = _make_parents(p)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(p.name), suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -56,7 +56,7 @@ def upload_file(path: str | os.PathLike, uri: str) -> None:
     """Copy a file atomically (temp name + rename)."""
     dest = local_of(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(dest.name), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
         shutil.copyfile(path, tmp)
@@ -68,16 +68,49 @@ def upload_file(path: str | os.PathLike, uri: str) -> None:
         raise
 
 
-def remove(uri: str) -> None:
-    """Delete one file; a directory this leaves empty is removed too, up the tree (lf2 made it)."""
+def remove(uri: str, root: str | None = None) -> None:
+    """Delete one file. With ``root`` (a directory above it), the directories between the two that this
+    leaves empty are removed too (lf2 made them); ``root`` itself and anything above it are kept."""
     p = local_of(uri)
     with contextlib.suppress(FileNotFoundError):
         p.unlink()
+    if root is None:
+        return
+    top = local_of(root).resolve()
     for parent in p.parents:
+        if parent.resolve() == top or top not in parent.resolve().parents:
+            break
         try:
             parent.rmdir()
         except OSError:
             break
+
+
+def scratch_prefix(name: str) -> str:
+    """The name prefix of this process's scratch files and directories for ``name`` (``.NAME.lf2-PID-``):
+    one left behind by a killed process is found again by ``dead_scratch``."""
+    return f".{name}.lf2-{os.getpid()}-"
+
+
+def dead_scratch(folder: Path, name: str, suffix: str) -> list[Path]:
+    """The scratch entries for ``name`` in ``folder`` (``scratch_prefix`` + random + ``suffix``) whose
+    process is gone: left by a killed lf2 process, safe to delete. Entries of live processes are kept."""
+    found = []
+    for p in folder.glob(f".{name}.lf2-*-*{suffix}"):
+        pid = p.name[len(name) + 6:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            found.append(p)
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shareable(path: str | os.PathLike) -> None:

@@ -128,7 +128,7 @@ def output_dir(uri: str, owner: str, overwrite: Optional[bool] = None) -> Iterat
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             _remove_dead_scratch(dest)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.lf2-{os.getpid()}-", suffix=".partial",
+            tmp = Path(tempfile.mkdtemp(prefix=local.scratch_prefix(dest.name), suffix=".partial",
                                         dir=dest.parent))
             local.shareable(tmp)
         except OSError as e:
@@ -142,20 +142,8 @@ def output_dir(uri: str, owner: str, overwrite: Optional[bool] = None) -> Iterat
 
 def _remove_dead_scratch(dest: Path) -> None:
     """Remove scratch directories of this output left by killed lf2 processes (``.NAME.lf2-PID-*.partial``)."""
-    for p in dest.parent.glob(f".{dest.name}.lf2-*-*.partial"):
-        pid = p.name[len(dest.name) + 6:].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    for p in local.dead_scratch(dest.parent, dest.name, ".partial"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _commit(tmp: Path, uri: str, owner: str) -> None:
@@ -183,16 +171,27 @@ def _commit(tmp: Path, uri: str, owner: str) -> None:
         bucket, key = split_s3(uri)
         s3.parallel(lambda f: upload_file(tmp / f, f"s3://{bucket}/{key.rstrip('/')}/{f}"), files)
     for f in sorted(owned - set(files)):
-        remove(join(uri, f))
+        remove(join(uri, f), root=uri)
     write_bytes(join(uri, OWNER_FILE), record)
     write_bytes(join(uri, COMPLETE_MARKER), b"ok\n")
 
 
 def remove_files(uri: str, names: list[str]) -> None:
-    """Delete the named files, written by lf2, under a local directory or s3:// prefix (a local directory
-    left empty is removed too); nothing else there is touched."""
+    """Delete the named files, written by lf2, under a lf2-made local directory or s3:// prefix, with the
+    scratch copies of them that killed lf2 processes left (``local.dead_scratch``); the local directory,
+    and those below it, are removed when this leaves them empty. Nothing else there is touched."""
+    uri = str(uri)
     for name in names:
-        remove(join(str(uri), name))
+        remove(join(uri, name), root=uri)
+    if is_remote(uri):
+        return
+    root = local_of(uri)
+    for name in names:
+        folder = (root / name).parent
+        for p in local.dead_scratch(folder, Path(name).name, ".tmp") if folder.is_dir() else []:
+            remove(str(p), root=uri)
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def is_complete(uri: str) -> bool:
