@@ -116,16 +116,6 @@ def input_location(artifact: Any) -> str:
     return str(p)
 
 
-def output_location(artifact: Any, object_prefix: str, stage: str, *key_parts: Any) -> str:
-    """Where a stage writes: the artifact path, or a deterministic place under ``object_prefix``."""
-    if not object_prefix:
-        return artifact.path
-    from lf2core import storage
-
-    key = hashlib.sha256(json.dumps([stage, *[str(k) for k in key_parts]]).encode()).hexdigest()[:16]
-    return storage.join(object_prefix, stage, key)
-
-
 def record_output(artifact: Any, location: str, metrics: Optional[dict] = None) -> None:
     """Record ``location`` in the artifact (metadata + ``LOCATION`` file when remote) and small metrics."""
     md = artifact.metadata
@@ -216,11 +206,26 @@ def env_summary() -> dict[str, Any]:
     return {"lf2.host": platform.node(), "lf2.image": os.environ.get("LF2_IMAGE", "")}
 
 
+def stage_location(default: str, object_prefix: str, name: str, config_yaml: str, uris: list[str] | tuple[str, ...],
+                   round_index: Optional[int] = None, run_id: Optional[str] = None) -> str:
+    """Where stage ``name`` writes: ``default`` (a KFP artifact path) without ``object_prefix``, else the
+    deterministic ``<prefix>/<stage>/<key>`` keyed by the config, the input locations in table order,
+    ``round_index`` and ``run_id`` when given (the same key whether the stage runs in its own task or in a
+    several-rounds task)."""
+    if not object_prefix:
+        return default
+    from lf2core import storage
+
+    parts = [name, config_yaml, *uris] + ([round_index] if round_index is not None else []) \
+        + ([run_id] if run_id is not None else [])
+    key = hashlib.sha256(json.dumps([str(k) for k in parts]).encode()).hexdigest()[:16]
+    return storage.join(object_prefix, name, key)
+
+
 def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inputs: dict[str, Any],
               run_id: Optional[str] = None, round_index: Optional[int] = None) -> tuple[Any, str, Any]:
     """Run stage ``name`` of ``lf2core.stages.table.STAGES`` inside its component: ``inputs`` are the KFP
-    input artifacts by port name; the output goes to ``output_location`` (keyed by the config, the input
-    locations in table order, ``round_index`` and ``run_id`` when given); ``round_index`` is passed on when
+    input artifacts by port name; the output goes to ``stage_location``; ``round_index`` is passed on when
     the stage takes it; a failure marks the pipeline's MLflow run FAILED. Returns (config, output
     location or "" for a stage without output, the stage's result)."""
     from lf2core.stages.table import stage
@@ -229,8 +234,8 @@ def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inpu
     setup_logging()
     cfg = load_config(config_yaml)
     uris = [input_location(inputs[p.name]) for p in st.inputs]
-    key = [*uris] + ([round_index] if round_index is not None else []) + ([run_id] if run_id is not None else [])
-    out = output_location(output, object_prefix, st.name, config_yaml, *key) if st.output is not None else ""
+    out = stage_location(output.path, object_prefix, st.name, config_yaml, uris, round_index, run_id) \
+        if st.output is not None else ""
     params: dict[str, Any] = {}
     if any(p.name == "round_index" for p in st.params) and round_index is not None:
         params["round_index"] = round_index
@@ -239,3 +244,68 @@ def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inpu
     with failure_marks_run(run_id or ""):
         result = st(cfg, *uris, *([out] if out else []), **params)
     return cfg, out, result
+
+
+def log_round_output(name: str, out: str, round_index: int, run_id: str) -> list[tuple[str, Any]]:
+    """Log a round stage's output to the pipeline's MLflow run at step = round: extract-features and
+    finetune summaries (``lf2core.stages.rounds.stage_summary``) under ``extract/`` / ``finetune/``; the
+    cluster statistics under ``cluster/`` with ``stats.json`` and the plot as artifacts of ``round_NN/``.
+    Returns the (key, value) rows a summary table shows."""
+    from lf2core import artifacts, tracking
+    from lf2core.stages.rounds import stage_summary
+    from lf2core.stages.table import CLUSTER
+
+    rid = tracking_run(run_id)
+    if name != CLUSTER:
+        result = stage_summary(name, out)
+        tracking.log_metrics(result, step=round_index, run_id=rid, prefix=name.split("-")[0])
+        return list(tracking.flatten_metrics(result).items())
+    stats = {k: v for k, v in artifacts.read_cluster_stats(out).items() if k not in ("round", "method")}
+    tracking.log_metrics(stats, step=round_index, run_id=rid, prefix="cluster")
+    for file_name in (artifacts.CLUSTER_STATS, artifacts.CLUSTER_PLOT):
+        f = local_file(out, file_name)
+        if f is not None:
+            tracking.log_artifact(f, f"round_{round_index:02d}", run_id=rid)
+    return [(k, v) for k, v in tracking.flatten_metrics(stats).items() if "hist" not in k]
+
+
+ROUNDS_INDEX = "rounds.json"
+
+
+def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: int, num_rounds: int,
+               data: Any, model: Any, rounds: Any, finetuned: Any) -> tuple[str, list[dict[str, Any]]]:
+    """Rounds ``first_round .. first_round + num_rounds - 1`` (extract -> cluster -> finetune each) in this
+    one process, through ``lf2core.stages.rounds.StageRunner``: each stage output where its own task would
+    put it (``stage_location``; without ``object_prefix``, ``rounds/round_NN/<stage>`` and the last
+    model in ``finetuned``), complete outputs skipped (a retried task resumes), every output logged to
+    MLflow as the per-stage components do. Writes ``rounds/rounds.json`` (round -> stage -> location).
+    Returns (the final model's location, the rounds' entries)."""
+    from lf2core.stages.rounds import StageRunner
+    from lf2core.stages.table import FINETUNE
+
+    setup_logging()
+    cfg = load_config(config_yaml)
+    last = first_round + num_rounds - 1
+
+    def place(name: str, r: int, inputs: tuple[str, ...]) -> str:
+        default = finetuned.path if (name == FINETUNE and r == last) else \
+            str(Path(rounds.path, f"round_{r:02d}", name))
+        return stage_location(default, object_prefix, name, config_yaml, inputs, r, run_id)
+
+    index: dict[str, dict[str, str]] = {}
+
+    def after(name: str, r: int, out: str) -> None:
+        index.setdefault(f"{r:02d}", {})[name] = out
+        log_round_output(name, out, r, run_id)
+
+    runner = StageRunner(cfg, after=after)
+    location, entries = input_location(model), []
+    with failure_marks_run(run_id or ""):
+        for r in range(first_round, last + 1):
+            location, entry = runner.round(r, input_location(data), location, place)
+            entries.append(entry)
+    Path(rounds.path).mkdir(parents=True, exist_ok=True)
+    (Path(rounds.path) / ROUNDS_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    log.info("rounds %d..%d done in one task: %s", first_round, last,
+             ", ".join(f"{k} {v:.1f}s" for k, v in sorted(runner.seconds.items())))
+    return location, entries

@@ -100,35 +100,22 @@ def extract_features(config: str, object_prefix: str, run_id: str, round_index: 
                      model: Input[Model], features: Output[Artifact]) -> None:
     """Stage extract-features: fusion features of the target train split for one round."""
     from components import _runtime as rt
-    from lf2core import tracking
 
     _, out, result = rt.run_stage("extract-features", config, object_prefix, features, {"data": data, "model": model},
                                   run_id=run_id, round_index=round_index)
     rt.record_output(features, out, result)
-    tracking.log_metrics(result, step=round_index, run_id=rt.tracking_run(run_id), prefix="extract")
+    rt.log_round_output("extract-features", out, round_index, run_id)
 
 
 def cluster(config: str, object_prefix: str, run_id: str, round_index: int, features: Input[Artifact],
             labels: Output[Artifact], summary: Output[Markdown]) -> None:
     """Stage cluster: pseudo labels of the three feature sets; stats + plot to MLflow (step = round)."""
-    import json
-
     from components import _runtime as rt
-    from lf2core import artifacts, tracking
 
-    _, out, result = rt.run_stage("cluster", config, object_prefix, labels, {"features": features}, run_id=run_id,
-                                  round_index=round_index)
+    _, out, _ = rt.run_stage("cluster", config, object_prefix, labels, {"features": features}, run_id=run_id,
+                             round_index=round_index)
     rt.record_output(labels, out)
-    stats_file = rt.local_file(out, artifacts.CLUSTER_STATS)
-    stats = json.loads(stats_file.read_text()) if stats_file is not None else (result or {})
-    stats = {k: v for k, v in stats.items() if k not in ("round", "method")}
-    rid = rt.tracking_run(run_id)
-    tracking.log_metrics(stats, step=round_index, run_id=rid, prefix="cluster")
-    for name in (artifacts.CLUSTER_STATS, artifacts.CLUSTER_PLOT):
-        f = rt.local_file(out, name)
-        if f is not None:
-            tracking.log_artifact(f, f"round_{round_index:02d}", run_id=rid)
-    rows = [(k, v) for k, v in tracking.flatten_metrics(stats).items() if "hist" not in k]
+    rows = rt.log_round_output("cluster", out, round_index, run_id)
     rt.write_text(summary, rt.markdown_table(f"Clustering, round {round_index}", rows))
 
 
@@ -137,14 +124,31 @@ def finetune(config: str, object_prefix: str, run_id: str, round_index: int, dat
              metrics: Output[Metrics]) -> None:
     """Stage finetune: one round of mean-teacher training on the round's pseudo labels."""
     from components import _runtime as rt
-    from lf2core import tracking
 
     _, out, result = rt.run_stage("finetune", config, object_prefix, finetuned,
                                   {"data": data, "labels": labels, "model": model}, run_id=run_id,
                                   round_index=round_index)
     rt.record_output(finetuned, out, result)
     rt.log_kfp_metrics(metrics, result or {})
-    tracking.log_metrics(result or {}, step=round_index, run_id=rt.tracking_run(run_id), prefix="finetune")
+    rt.log_round_output("finetune", out, round_index, run_id)
+
+
+def adapt_rounds(config: str, object_prefix: str, run_id: str, first_round: int, num_rounds: int,
+                 data: Input[Dataset], model: Input[Model], rounds: Output[Artifact], finetuned: Output[Model],
+                 metrics: Output[Metrics], summary: Output[Markdown]) -> None:
+    """Rounds ``first_round`` .. ``first_round + num_rounds - 1`` (extract-features -> cluster -> finetune
+    each) in one task (``lf2 pipeline compile --rounds-per-task K``): the same stage functions, outputs,
+    MLflow metrics and resume as one task per stage, without a pod start and library import per stage."""
+    from components import _runtime as rt
+
+    out, entries = rt.run_rounds(config, object_prefix, run_id, first_round, num_rounds, data, model, rounds,
+                                 finetuned)
+    final = entries[-1]["finetune"]
+    rt.record_output(finetuned, out, final)
+    rt.log_kfp_metrics(metrics, final)
+    rows = [(f"round {e['round']} global clusters", e["cluster"].get("global", {}).get("num_clusters", "-"))
+            for e in entries] + [(f"finetune {k}", v) for k, v in final.items()]
+    rt.write_text(summary, rt.markdown_table(f"Rounds {first_round}-{first_round + num_rounds - 1}", rows))
 
 
 def evaluate(config: str, object_prefix: str, run_id: str, data: Input[Dataset], model: Input[Model],
@@ -185,7 +189,7 @@ def register(config: str, run_id: str, model: Input[Model], metrics: Input[Artif
 
 
 STAGE_FUNCTIONS = (resolve_config, prepare_data, pretrain_source, start_run, extract_features, cluster, finetune,
-                   evaluate, register)
+                   adapt_rounds, evaluate, register)
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:

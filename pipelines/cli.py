@@ -1,8 +1,9 @@
 """``lf2 pipeline compile | run | submit``, and the ``lf2`` console script (``lf2_main``).
 
     lf2 pipeline compile --out lf2.yaml [--target local|kubeflow] [--gpus N] [--image IMG] [-c RECIPE] [--rounds N]
+                         [--rounds-per-task K]
     lf2 pipeline run --out runs/p1 [-c RECIPE] [-s key=value ...] [--object-prefix s3://b/p] [--experiment E]
-                     [--runner subprocess|docker] [--image IMG]
+                     [--runner subprocess|docker] [--image IMG] [--rounds-per-task K]
     lf2 pipeline submit --host URL [--package lf2.yaml | -c RECIPE ...] [--experiment E] [--run-name N]
 
 ``run --runner docker`` runs every component in the project image (``make images``) through
@@ -12,7 +13,8 @@ pipeline root (``--out``): MLflow must be a server (``MLFLOW_TRACKING_URI=http:/
 synthetic or in S3.
 
 The number of rounds is unrolled at compile time: it defaults to ``finetune.rounds`` of the recipe after
-the overrides, and the compiled pipeline refuses a config asking for another number.
+the overrides, and the compiled pipeline refuses a config asking for another number. ``--rounds-per-task K``
+runs K consecutive rounds in one task (default 1: one task per stage; ``pipelines.lf2_uda``).
 
 ``lf2_main`` is the ``lf2`` command: the stage commands of ``lf2core.cli`` plus ``lf2 pipeline``, added here
 as an ``lf2core.cli.Command`` -- this package sits above lf2core and may import both; lf2core never
@@ -128,7 +130,8 @@ def docker_runner(image: str, pipeline_root: Path, workspace: Path, tracking_uri
 
 def run_pipeline_local(recipe: str, overrides: list[str], out: str, *, object_prefix: str = "", experiment: str = "",
               run_name: str = "", source_root: str = "", target_root: str = "", resume_run_id: str = "",
-              cache: bool = True, image: Optional[str] = None, runner: str = "subprocess") -> dict[str, Any]:
+              cache: bool = True, image: Optional[str] = None, runner: str = "subprocess",
+              rounds_per_task: int = 1) -> dict[str, Any]:
     """Run the pipeline locally with kfp.local: ``runner="subprocess"`` (``SubprocessRunner`` in this
     Python environment) or ``"docker"`` (``DockerRunner``: every component in ``image``, see ``docker_runner``).
 
@@ -155,7 +158,7 @@ def run_pipeline_local(recipe: str, overrides: list[str], out: str, *, object_pr
     else:
         kfp_runner = local.SubprocessRunner(use_venv=False)
     local.init(runner=kfp_runner, pipeline_root=str(root), workspace_root=str(workspace), enable_caching=cache)
-    fn = build_pipeline(rounds, image=image, target="local")
+    fn = build_pipeline(rounds, image=image, target="local", rounds_per_task=rounds_per_task)
     t0 = time.time()
     # the components import the repository's packages: make sure the subprocesses find them
     repo = str(Path(__file__).resolve().parent.parent)
@@ -191,8 +194,9 @@ def _compile(args: argparse.Namespace) -> int:
     from pipelines.lf2_uda import compile_pipeline
 
     rounds = _rounds(args)
-    compile_pipeline(args.out, rounds, image=args.image, target=args.target, gpus=args.gpus, retries=args.retries)
-    print(f"wrote {args.out} ({args.target}, {rounds} rounds, image {args.image})")
+    compile_pipeline(args.out, rounds, image=args.image, target=args.target, gpus=args.gpus, retries=args.retries,
+                     rounds_per_task=args.rounds_per_task)
+    print(f"wrote {args.out} ({args.target}, {rounds} rounds, {args.rounds_per_task} per task, image {args.image})")
     return 0
 
 
@@ -203,7 +207,8 @@ def _run(args: argparse.Namespace) -> int:
     res = run_pipeline_local(args.config, args.set, args.out, object_prefix=args.object_prefix or "",
                     experiment=args.experiment or "", run_name=args.run_name or "", source_root=args.source_root or "",
                     target_root=args.target_root or "", resume_run_id=args.resume_run_id or "",
-                    cache=not args.no_cache, image=args.image, runner=args.runner)
+                    cache=not args.no_cache, image=args.image, runner=args.runner,
+                    rounds_per_task=args.rounds_per_task)
     print(json.dumps(res, indent=2, sort_keys=True, default=str))
     return 0
 
@@ -219,7 +224,7 @@ def _submit(args: argparse.Namespace) -> int:
         tmp = tempfile.NamedTemporaryFile(suffix=".yaml", delete=False)
         package = tmp.name
         compile_pipeline(package, _rounds(args), image=args.image, target="kubeflow", gpus=args.gpus,
-                         retries=args.retries)
+                         retries=args.retries, rounds_per_task=args.rounds_per_task)
     token = os.environ.get("KFP_TOKEN") or None
     params = pipeline_arguments(args)
     try:
@@ -243,7 +248,7 @@ PIPELINE_HELP = ("Compile the LF2 pipeline for Kubeflow, run it locally (kfp.loc
                  "Pipelines endpoint.")
 
 
-def _at_least(low: int):
+def at_least(low: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -267,6 +272,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
         p.add_argument("--config", "-c", default="demo", help="recipe name or YAML path (default: demo)")
         p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="config override")
         p.add_argument("--image", default=os.environ.get("LF2_IMAGE", DEFAULT_IMAGE), help="component image")
+        p.add_argument("--rounds-per-task", type=at_least(1), default=1, metavar="K",
+                       help="run K consecutive rounds (extract -> cluster -> finetune) in one task (default 1: a "
+                            "task per stage)")
 
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--source-root", default="", help="source dataset URI (default: the recipe's)")
@@ -281,9 +289,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     cfg_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--target", choices=["local", "kubeflow"], default="kubeflow")
-    p.add_argument("--gpus", type=_at_least(0), default=1, help="GPUs per training task (kubeflow target)")
-    p.add_argument("--rounds", type=_at_least(1), default=None, help="rounds to unroll (default: finetune.rounds)")
-    p.add_argument("--retries", type=_at_least(0), default=None, help="retries per task (default 2 kubeflow, 0 local)")
+    p.add_argument("--gpus", type=at_least(0), default=1, help="GPUs per training task (kubeflow target)")
+    p.add_argument("--rounds", type=at_least(1), default=None, help="rounds to unroll (default: finetune.rounds)")
+    p.add_argument("--retries", type=at_least(0), default=None, help="retries per task (default 2 kubeflow, 0 local)")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="run the pipeline locally (kfp.local: subprocesses in this venv, or containers)")
@@ -301,9 +309,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--namespace", default=None)
     p.add_argument("--package", default=None, help="compiled YAML (default: compile now for kubeflow)")
     p.add_argument("--kfp-experiment", default="lf2", help="KFP experiment name")
-    p.add_argument("--gpus", type=_at_least(0), default=1)
-    p.add_argument("--rounds", type=_at_least(1), default=None)
-    p.add_argument("--retries", type=_at_least(0), default=None)
+    p.add_argument("--gpus", type=at_least(0), default=1)
+    p.add_argument("--rounds", type=at_least(1), default=None)
+    p.add_argument("--retries", type=at_least(0), default=None)
     p.set_defaults(func=_submit)
     return parser
 

@@ -63,7 +63,8 @@ def _count_objects(bucket: str) -> tuple[int, int]:
 
 
 def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Optional[list[str]] = None,
-             cache: bool = True, runner: str = "subprocess", image: Optional[str] = None) -> dict[str, Any]:
+             cache: bool = True, runner: str = "subprocess", image: Optional[str] = None,
+             rounds_per_task: int = 1) -> dict[str, Any]:
     from lf2core import tracking
     from pipelines.cli import run_pipeline_local
 
@@ -91,7 +92,7 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
         tag = "-docker" if runner == "docker" else ("-s3" if use_s3 else "")
         res = run_pipeline_local(recipe, overrides, str(outp), object_prefix=object_prefix, experiment="lf2-demo",
                                  run_name=f"demo{tag}-{time.strftime('%Y%m%d-%H%M%S')}", cache=cache,
-                                 runner=runner, image=image)
+                                 runner=runner, image=image, rounds_per_task=rounds_per_task)
         decision = tracking.promote(version=res["version"] or None, alias="champion",
                                     tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
         aliases = tracking.describe_aliases("lf2-reid", os.environ["MLFLOW_TRACKING_URI"])
@@ -108,7 +109,8 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
             rows.append(("stage outputs", f"{n} objects, {size / 1e6:.1f} MB in s3://{DEMO_BUCKET}/runs"))
         print("\nlf2 demo results (target domain b, teacher model)\n" + _table(rows))
         summary = {**res, "promotion": decision.reason, "promoted": decision.promoted, "aliases": aliases,
-                   "total_seconds": time.time() - t0, "s3": use_s3, "recipe": recipe, "overrides": overrides}
+                   "total_seconds": time.time() - t0, "s3": use_s3, "recipe": recipe, "overrides": overrides,
+                   "rounds_per_task": rounds_per_task}
         (outp / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
         if use_s3:
             print(f"\nThe S3 and MLflow servers are stopped now; their logs are in {outp / 'servers'}.")
@@ -124,6 +126,8 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from pipelines.cli import at_least
+
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--s3", action="store_true", help="run against local S3 (moto) + mlflow servers")
@@ -133,6 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="docker: every component in --image through kfp.local.DockerRunner (implies --s3)")
     p.add_argument("--image", default=None, help="component image (default: the `make images` tag, or $LF2_IMAGE)")
+    p.add_argument("--rounds-per-task", type=at_least(1), default=1, metavar="K",
+                   help="K consecutive rounds in one task (default 1: a task per stage)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lf2core.config import ConfigError
@@ -140,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         run_demo(args.out, args.s3, args.config, args.set, cache=not args.no_cache, runner=args.runner,
-                 image=args.image)
+                 image=args.image, rounds_per_task=args.rounds_per_task)
     except (Lf2Error, ConfigError) as e:
         print(f"lf2 demo: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,13 @@
         -> round 0..R-1: extract-features -> cluster -> finetune
         -> evaluate -> register
 
+With ``rounds_per_task`` K > 1 (``lf2 pipeline compile --rounds-per-task K``) the rounds run as
+ceil(R / K) ``adapt-rounds`` tasks of K consecutive rounds each (the last one shorter when K does not
+divide R): the same stage functions in one process, with the same per-round outputs (their S3 keys
+under ``object_prefix`` are those of the one-task-per-stage pipeline), MLflow metrics and resume
+(a retried task skips the rounds' complete outputs); one pod start and library import per K rounds
+instead of three per round (overhead figures: docs/benchmarks.md).
+
 Pipeline parameters: ``recipe``, ``overrides`` (JSON list of ``key=value``), ``source_root`` /
 ``target_root`` (dataset URIs; "" = the recipe's), ``mlflow_experiment``, ``object_prefix`` (s3://...;
 "" = KFP artifact storage), ``run_name``, ``resume_run_id`` (continue an MLflow run: the rounds then
@@ -28,6 +35,7 @@ from components.stages import DEFAULT_IMAGE, build_components
 from lf2core.stages.table import BY_NAME, GPU_STAGES, STAGES
 
 STAGE_COMPONENTS = tuple(s.name for s in STAGES)  # + resolve-config and start-run (pipeline plumbing, light)
+ROUNDS_TASK = "adapt-rounds"  # K rounds in one task: the resources of the round stages (a GPU)
 
 
 @dataclass
@@ -55,7 +63,7 @@ class KubeSettings:
 def _kube(task: dsl.PipelineTask, stage: str, ks: KubeSettings, image: str) -> None:
     from kfp import kubernetes
 
-    heavy = stage in BY_NAME and BY_NAME[stage].resources != "light"  # resolve-config, start-run: light
+    heavy = stage == ROUNDS_TASK or (stage in BY_NAME and BY_NAME[stage].resources != "light")
     if heavy:
         task.set_cpu_request(ks.cpu_request).set_cpu_limit(ks.cpu_limit)
         task.set_memory_request(ks.memory_request).set_memory_limit(ks.memory_limit)
@@ -63,7 +71,7 @@ def _kube(task: dsl.PipelineTask, stage: str, ks: KubeSettings, image: str) -> N
                                    size_limit=ks.shm_size)
     else:
         task.set_cpu_request(ks.light_cpu).set_memory_request(ks.light_memory)
-    if stage in GPU_STAGES and ks.gpus > 0:
+    if (stage in GPU_STAGES or stage == ROUNDS_TASK) and ks.gpus > 0:
         task.set_accelerator_type(ks.accelerator).set_accelerator_limit(ks.gpus)
     kubernetes.use_secret_as_env(task, ks.s3_secret, {k: k for k in ks.s3_secret_keys}, optional=False)
     kubernetes.use_secret_as_env(task, ks.mlflow_secret, {k: k for k in ks.mlflow_secret_keys}, optional=True)
@@ -79,10 +87,14 @@ def build_pipeline(
     kube: Optional[KubeSettings] = None,
     retries: Optional[int] = None,
     name: str = "lf2-uda",
+    rounds_per_task: int = 1,
 ) -> Callable[..., Any]:
-    """The pipeline function for ``rounds`` unrolled rounds (``finetune.rounds`` of the recipe)."""
+    """The pipeline function for ``rounds`` unrolled rounds (``finetune.rounds`` of the recipe), one task
+    per stage (``rounds_per_task=1``) or ``rounds_per_task`` rounds per ``adapt-rounds`` task."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rounds_per_task < 1:
+        raise ValueError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
     if target not in ("local", "kubeflow"):
         raise ValueError(f"target must be 'local' or 'kubeflow', got {target!r}")
     c = build_components(image)
@@ -122,7 +134,13 @@ def build_pipeline(
                                 source_model=pre.outputs["model"]), "start-run", cache=False)
         run_id = run.output
         model = pre.outputs["model"]
-        for r in range(rounds):
+        for first in range(0, rounds, rounds_per_task) if rounds_per_task > 1 else ():
+            last = min(first + rounds_per_task, rounds) - 1
+            ar = setup(c.adapt_rounds(config=config, object_prefix=object_prefix, run_id=run_id, first_round=first,
+                                      num_rounds=last - first + 1, data=data, model=model),
+                       ROUNDS_TASK, f"rounds-r{first}-r{last}")
+            model = ar.outputs["finetuned"]
+        for r in range(rounds) if rounds_per_task == 1 else ():
             ext = setup(c.extract_features(config=config, object_prefix=object_prefix, run_id=run_id,
                                            round_index=r, data=data, model=model),
                         "extract-features", f"extract-features-r{r}")
@@ -143,10 +161,12 @@ def build_pipeline(
 
 
 def compile_pipeline(out: str, rounds: int, image: str = DEFAULT_IMAGE, target: str = "local", gpus: int = 1,
-                     retries: Optional[int] = None, kube: Optional[KubeSettings] = None) -> str:
+                     retries: Optional[int] = None, kube: Optional[KubeSettings] = None,
+                     rounds_per_task: int = 1) -> str:
     """Write the pipeline IR YAML to ``out``; returns ``out``."""
     ks = kube or KubeSettings(gpus=gpus)
     ks.gpus = gpus
-    fn = build_pipeline(rounds, image=image, target=target, kube=ks, retries=retries)
+    fn = build_pipeline(rounds, image=image, target=target, kube=ks, retries=retries,
+                        rounds_per_task=rounds_per_task)
     compiler.Compiler().compile(fn, package_path=out)
     return out

@@ -16,7 +16,7 @@ import pytest
 
 from lf2core import checkpoint, storage
 from lf2core.config import Config
-from lf2core.stages.run_local import _Runner
+from lf2core.stages.rounds import StageRunner
 from lf2core.stages.table import PRETRAIN
 from lf2core.cli import main as lf2_main
 from lf2core.errors import StorageError
@@ -182,7 +182,7 @@ def test_rerun_after_a_kill_between_commit_and_release_drops_the_state(tmp_path:
     work.mkdir()
     (work / "state.pt").write_bytes(b"S")
     (work / f".state.pt.lf2-{_dead_pid()}-x.tmp").write_bytes(b"half")
-    assert _Runner(Config()).run(PRETRAIN, out) == out
+    assert StageRunner(Config()).run(PRETRAIN, out) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
     assert (tmp_path / "pretrain" / "model.pt").read_bytes() == b"M"
 

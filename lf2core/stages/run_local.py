@@ -27,19 +27,13 @@ teacher is the one evaluated last and registered.
 from __future__ import annotations
 
 import json
-import logging
-import time
 from typing import Any, Optional
 
 from .. import artifacts, storage
-from ..checkpoint import release_work_dir, work_dir
 from ..config import Config, ConfigError
 from ..errors import StorageError
-from .table import CLUSTER, EVALUATE, EXTRACT, FINETUNE, PREPARE, PRETRAIN, stage
-
-log = logging.getLogger(__name__)
-
-CLUSTER_KEYS = ("num_clusters", "outlier_ratio", "nmi", "ari", "nmi_camera", "pairwise_precision", "pairwise_recall")
+from .rounds import Place, StageRunner, stage_summary
+from .table import CLUSTER, EVALUATE, EXTRACT, FINETUNE, PREPARE, PRETRAIN
 
 
 def round_dir(out: str, r: int) -> str:
@@ -91,43 +85,10 @@ def _check_run_config(cfg: Config, out: str, data: str, source_model: str) -> No
     storage.write_bytes(uri, (json.dumps(cur, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-class _Runner:
-    """Runs stages of the table into ``out``, skipping complete outputs and timing each stage."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.seconds: dict[str, float] = {}
-
-    def run(self, name: str, out: str, *inputs: str, **params: Any) -> str:
-        """``out``, after running stage ``name`` into it unless it is complete."""
-        if not storage.is_complete(out):
-            t0 = time.time()
-            stage(name)(self.cfg, *inputs, out, **params)
-            key = name.split("-")[0]
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
-        elif name in (PRETRAIN, FINETUNE):  # a run killed between committing and releasing its state
-            release_work_dir(work_dir(out, name))
-        return out
-
-    def round(self, out: str, r: int, data: str, model: str, eval_every: int) -> tuple[str, dict[str, Any]]:
-        """Round ``r`` (extract -> cluster -> finetune, + evaluate every ``eval_every`` rounds but the
-        last): the new model's location and the round's summary entry."""
-        n_rounds, rd = self.cfg.finetune.rounds, round_dir(out, r)
-        feats = self.run(EXTRACT, storage.join(rd, "features"), data, model)
-        labels = self.run(CLUSTER, storage.join(rd, "labels"), feats, round_index=r)
-        entry: dict[str, Any] = {"round": r, "cluster": {}}
-        for name, s in artifacts.read_cluster_stats(labels).items():
-            if isinstance(s, dict):
-                entry["cluster"][name] = {k: s[k] for k in CLUSTER_KEYS if k in s}
-        model = self.run(FINETUNE, storage.join(rd, "model"), data, labels, model, round_index=r)
-        entry["finetune"] = artifacts.read_final_metrics(model)
-        if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
-            # report only (target test split), never used for selection
-            entry["eval"] = artifacts.read_metrics(self.run(EVALUATE, storage.join(rd, "eval"), data, model))
-        c = entry["cluster"].get("global", {})
-        log.info("round %d/%d: %s global clusters, NMI %s", r + 1, n_rounds, c.get("num_clusters"),
-                 f"{c['nmi']:.3f}" if "nmi" in c else "n/a")
-        return model, entry
+def _place(out: str) -> Place:
+    """Round outputs of a run directory: ``out/round_NN/{features,labels,model}``."""
+    names = {EXTRACT: "features", CLUSTER: "labels", FINETUNE: "model"}
+    return lambda name, r, inputs: storage.join(round_dir(out, r), names[name])
 
 
 def run_local(
@@ -143,7 +104,7 @@ def run_local(
     "rounds": [{"round", "cluster": {set: stats}, "eval": {...}?, "finetune": {...}}], "seconds": {...}}``.
     """
     _claim_run_dir(out)
-    runner = _Runner(cfg)
+    runner = StageRunner(cfg)
     own_data, own_source = data is None, source_model is None
     data = storage.join(out, "data") if own_data else data
     source_model = storage.join(out, "pretrain") if own_source else source_model
@@ -160,7 +121,11 @@ def run_local(
 
     model, rounds, n_rounds = source_model, [], cfg.finetune.rounds
     for r in range(n_rounds):
-        model, entry = runner.round(out, r, data, model, eval_every)
+        model, entry = runner.round(r, data, model, _place(out))
+        if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
+            # report only (target test split), never used for selection
+            entry["eval"] = stage_summary(EVALUATE, runner.run(EVALUATE, storage.join(round_dir(out, r), "eval"),
+                                                               data, model))
         rounds.append(entry)
     # the final model's evaluation sits with its round, so a run extended by more rounds evaluates anew
     ev = storage.join(round_dir(out, n_rounds - 1), "eval") if n_rounds > 0 else storage.join(out, "eval")
