@@ -142,3 +142,43 @@ def test_failed_several_rounds_task_resumes_with_the_first_unfinished_stage(tmp_
     assert [e["round"] for e in entries] == [0, 1] and entries[1]["finetune"]["round"] == 1
     index = json.loads((tmp_path / "task" / "rounds" / rt.ROUNDS_INDEX).read_text())
     assert index["01"][FINETUNE] == location and index["00"][FINETUNE].endswith("round_00/finetune")
+
+
+def test_networks_handed_over_in_memory_equal_the_files_and_follow_them(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``models_in_memory`` the finetuned MeanTeacher handed to the next stage equals the one read
+    from its files (every tensor, parameter flags, digests) and is a copy; a rewritten file is read anew."""
+    import hashlib
+
+    import torch
+
+    from lf2core import artifacts
+
+    monkeypatch.setenv("LF2_TRACKING", "off")
+    cfg = load_config("demo", TINY + ["finetune.rounds=1"])
+    data, src, feats, labels, ft = (str(tmp_path / n) for n in ("data", "src", "feats", "labels", "ft"))
+    stage(PREPARE)(cfg, data)
+    stage(PRETRAIN)(cfg, data, src)
+    stage(EXTRACT)(cfg, data, src, feats)
+    stage(CLUSTER)(cfg, feats, labels)
+    with artifacts.models_in_memory():
+        stage(FINETUNE)(cfg, data, labels, src, ft, round_index=0)
+        handed = artifacts.read_model(cfg, ft).mean_teacher()
+        again = artifacts.read_model(cfg, ft).mean_teacher()
+        digests = artifacts.model_digests(ft)
+    read = artifacts.read_model(cfg, ft).mean_teacher()  # outside: from the files
+    assert handed is not again
+    a, b = handed.state_dict(), read.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.requires_grad for p in handed.parameters()] == [p.requires_grad for p in read.parameters()]
+    assert all(p.grad is None for p in handed.parameters())
+    assert digests == [(n, hashlib.sha256((Path(ft) / n).read_bytes()).hexdigest())
+                       for n in artifacts.MODEL_FILES if (Path(ft) / n).is_file()]
+    with artifacts.models_in_memory():
+        stage(FINETUNE)(cfg, data, labels, src, str(tmp_path / "ft2"), round_index=0)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            next(handed.student.parameters()).add_(1.0)
+        artifacts.write_mean_teacher(tmp_path / "ft2", handed, cfg)  # the files change under the kept model
+        reread = artifacts.read_model(cfg, str(tmp_path / "ft2")).mean_teacher()
+    assert torch.equal(next(reread.student.parameters()), next(handed.student.parameters()))

@@ -144,5 +144,7 @@ def finetune(
             "variant": settings.variant, "round": int(round_index), "global_step": final["global_step"],
         })
         artifacts.write_metrics(tmp, final, rnd.history)
+        digests = artifacts.model_digests(str(tmp)) if artifacts.keeping_models() else []
     state.release()
+    artifacts.keep_model(out, mt, digests)  # several rounds in one process: the next stages skip re-reading it
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}

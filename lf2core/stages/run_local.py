@@ -120,13 +120,14 @@ def run_local(
         source_only = {k[len("target_"):]: v for k, v in final.items() if k.startswith("target_")} or None
 
     model, rounds, n_rounds = source_model, [], cfg.finetune.rounds
-    for r in range(n_rounds):
-        model, entry = runner.round(r, data, model, _place(out))
-        if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
-            # report only (target test split), never used for selection
-            entry["eval"] = stage_summary(EVALUATE, runner.run(EVALUATE, storage.join(round_dir(out, r), "eval"),
-                                                               data, model))
-        rounds.append(entry)
+    with artifacts.models_in_memory():
+        for r in range(n_rounds):
+            model, entry = runner.round(r, data, model, _place(out))
+            if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
+                # report only (target test split), never used for selection
+                ev = runner.run(EVALUATE, storage.join(round_dir(out, r), "eval"), data, model)
+                entry["eval"] = stage_summary(EVALUATE, ev)
+            rounds.append(entry)
     # the final model's evaluation sits with its round, so a run extended by more rounds evaluates anew
     ev = storage.join(round_dir(out, n_rounds - 1), "eval") if n_rounds > 0 else storage.join(out, "eval")
     metrics = artifacts.read_metrics(runner.run(EVALUATE, ev, data, model))

@@ -34,6 +34,20 @@ def local_path(uri: str) -> Path:
     return p
 
 
+def version(uri: str) -> Optional[str]:
+    """What changes whenever the file/object ``uri`` is rewritten: size and modification time (local) or
+    size and ETag (s3); None when it does not exist."""
+    uri = str(uri)
+    if is_remote(uri):
+        obj = s3.head(uri)
+        return None if obj is None else f"{obj.get('ContentLength')}:{obj.get('ETag')}"
+    try:
+        st = os.stat(local_of(uri))
+    except FileNotFoundError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def read_bytes(uri: str) -> bytes:
     return s3.read_bytes(str(uri)) if is_remote(uri) else local.read_bytes(str(uri))
 
