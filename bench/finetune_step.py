@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -188,7 +188,8 @@ def main() -> int:
         mn = {k: min(v) for k, v in times.items()}
         for name, ts in times.items():
             same = "no (autocast)" if "amp" in name else "yes"
-            print(f"| {th} | {name} | {same} | {mn[name]:.3f} | {med[name]:.3f} | {med['reference'] / med[name]:.2f}x |")
+            up = med["reference"] / med[name]
+            print(f"| {th} | {name} | {same} | {mn[name]:.3f} | {med[name]:.3f} | {up:.2f}x |")
         rnd = round_seconds(med["fast_cl"], med["fast_cl_student_only"])
         rmn = round_seconds(mn["fast_cl"], mn["fast_cl_student_only"])
         print(f"| {th} | round (paper: 400 it, teacher in the last 66) | yes (float32) | {rmn:.3f} | {rnd:.3f} | "

@@ -31,7 +31,8 @@ time budget is spent, the remaining sections record ``skipped`` and the timing l
   the extraction stage runs, flip included) in float32, bfloat16 autocast + channels_last and (CUDA) the
   library's float16 autocast; the cosine of the reduced-precision features to the float32 ones.
 - ``knn``: ``lf2core.cluster.knn.knn`` with ``backend="faiss"`` and ``"torch"`` on clustered random unit
-  features: seconds, and how far the two neighbour lists agree (faiss on GPU only when the installed
+  features: seconds, and how far the two neighbour lists agree (pass: sorted similarities within 1e-4, mean
+  overlap of the index sets >= 0.99, the row itself first; faiss on GPU only when the installed
   faiss has GPUs; otherwise faiss-CPU is timed and ``faiss_gpu`` records why not).
 - ``ddp``: a 2-rank DistributedDataParallel pretraining step (``Pretrainer.step`` on a DDP-wrapped model,
   library precision policy) spawned with ``torch.multiprocessing``: NCCL on 2 GPUs; on CPU gloo (code
@@ -446,7 +447,8 @@ def judge(fast: dict[str, Any], yard: dict[str, Any], bound: float) -> dict[str,
     checks["bn_counters"] = fast["bn_counters_equal"]
     checks["alphas"] = fast["alphas_equal"]
     checks["params_within_adam_bound"] = all(
-        fast[f"{m}_max_abs"] <= bound + 1e-6 * max(1.0, fast[f"{m}_max_weight"]) for m in ("student", "teacher", "fuse"))
+        fast[f"{m}_max_abs"] <= bound + 1e-6 * max(1.0, fast[f"{m}_max_weight"])
+        for m in ("student", "teacher", "fuse"))
     checks["ema_teacher"] = fast["ema_residual_rel"] <= EMA_REL_TOL
     return checks
 
@@ -629,8 +631,12 @@ def section_knn(ctx: "Check") -> dict[str, Any]:
                             "max_abs_similarity_diff": float(np.abs(np.sort(sa, 1) - np.sort(sb, 1)).max()),
                             "self_first": bool((ia[:, 0] == np.arange(sz.knn_n)).all()
                                                and (ib[:, 0] == np.arange(sz.knn_n)).all())}
-        out["passed"] = out["agreement"]["mean_set_overlap"] >= 0.999 and out["agreement"]["self_first"]
-        out["tolerance"] = {"mean_set_overlap_min": 0.999}
+        # exact searches agree on the similarity lists; the index sets may differ only among near-ties
+        tol = {"max_abs_similarity_diff": 1e-4, "mean_set_overlap_min": 0.99}
+        out["passed"] = (out["agreement"]["max_abs_similarity_diff"] <= tol["max_abs_similarity_diff"]
+                         and out["agreement"]["mean_set_overlap"] >= tol["mean_set_overlap_min"]
+                         and out["agreement"]["self_first"])
+        out["tolerance"] = tol
         a, b = out[faiss_name]["seconds"], out[torch_name]["seconds"]
         out["faiss_over_torch_time"] = round(a / b, 3)
     return out
@@ -852,13 +858,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     check = Check(device, sizes, args.budget_s, args.out, args.tiny)
     env = check.doc["environment"]
     log(f"device {device} ({env.get('gpu', platform.processor() or 'CPU')}), torch {env['torch']}, "
-        f"{'tiny' if args.tiny else 'paper'} sizes ({sizes.arch} {sizes.height}x{sizes.width}), budget {args.budget_s:.0f} s")
+        f"{'tiny' if args.tiny else 'paper'} sizes ({sizes.arch} {sizes.height}x{sizes.width}), "
+        f"budget {args.budget_s:.0f} s")
     fns = {"pretrain": section_pretrain, "finetune": section_finetune, "equivalence": section_equivalence,
            "extraction": section_extraction, "knn": section_knn, "ddp": section_ddp}
     for name in args.sections:
         check.run(name, fns[name])
     check.write()
-    print(f"\n# gpu_check: {env.get('gpu', 'CPU')} | torch {env['torch']} | CUDA {env['cuda']} | cuDNN {env['cudnn']} | "
+    print(f"\n# gpu_check: {env.get('gpu', 'CPU')} | torch {env['torch']} | CUDA {env['cuda']} | "
+          f"cuDNN {env['cudnn']} | "
           f"TF32 {env['tf32']} | {'tiny' if args.tiny else 'paper'} sizes | {check.doc['total_seconds']:.0f} s | "
           f"load {env['load_avg_1min']}")
     print("| section | item | result |\n|---|---|---|")

@@ -29,8 +29,8 @@ def _positive(x: object) -> bool:
 def test_tiny_cpu_run_covers_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LF2_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out), "--threads", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out), "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     sec = doc["sections"]
@@ -44,7 +44,8 @@ def test_tiny_cpu_run_covers_every_section(tmp_path: Path) -> None:
 
     pre = sec["pretrain"]
     for k in ("fp32", "bf16_cl"):
-        assert pre[k]["n"] == gpu_check.TINY.iters and _positive(pre[k]["it_per_s"]) and _positive(pre[k]["images_per_s"])
+        assert pre[k]["n"] == gpu_check.TINY.iters
+        assert _positive(pre[k]["it_per_s"]) and _positive(pre[k]["images_per_s"])
     assert "CUDA-only" in pre["fp16_cl_scaler"]["skipped"]
 
     ft = sec["finetune"]
@@ -75,7 +76,8 @@ def test_tiny_cpu_run_covers_every_section(tmp_path: Path) -> None:
     kn = sec["knn"]
     if env_.get("faiss_gpus", 0) == 0:
         assert kn["faiss_gpu"]["skipped"].startswith("faiss has no GPU")
-    assert kn["passed"] and kn["agreement"]["mean_set_overlap"] >= 0.999 and kn["agreement"]["self_first"]
+    assert kn["passed"] and kn["agreement"]["mean_set_overlap"] >= 0.99 and kn["agreement"]["self_first"]
+    assert kn["agreement"]["max_abs_similarity_diff"] <= 1e-4
     assert _positive(kn["torch_cpu"]["seconds"]) and (kn["n"], kn["k"]) == (gpu_check.TINY.knn_n, 30)
 
     dd = sec["ddp"]
