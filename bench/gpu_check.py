@@ -662,8 +662,9 @@ def _ddp_worker(rank: int, world: int, backend: str, init_file: str, spec: dict[
         pt.model = DDP(pt.model, device_ids=[rank] if dev.type == "cuda" else None)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        ts = time_pretrain(pt, sz, dev, seed=100 + rank, deadline=spec["deadline_wall"] - time.time()
-                           + time.perf_counter())
+        # a fixed number of steps on every rank (a per-rank deadline could leave one rank in a collective
+        # alone); the parent's timeout ends runaway ranks
+        ts = time_pretrain(pt, sz, dev, seed=100 + rank, deadline=math.inf)
         flat = torch.cat([p.detach().reshape(-1).float() for p in pt.model.parameters()])
         ref = flat.clone()
         dist.broadcast(ref, src=0)
@@ -699,7 +700,7 @@ def section_ddp(ctx: "Check") -> dict[str, Any]:
     timeout = max(10.0, min(180.0, ctx.deadline - time.perf_counter()))
     with tempfile.TemporaryDirectory(prefix="lf2-gpu-check-") as tmp:
         out_path = os.path.join(tmp, "ddp.json")
-        spec = {"sizes": asdict(ctx.sizes), "device": dev.type, "deadline_wall": time.time() + 0.6 * timeout}
+        spec = {"sizes": asdict(ctx.sizes), "device": dev.type}
         log(f"ddp: 2 ranks, {backend}, spawning")
         pc = mp.start_processes(_ddp_worker, args=(2, backend, os.path.join(tmp, "init"), spec, out_path), nprocs=2,
                                 join=False, start_method="spawn")
