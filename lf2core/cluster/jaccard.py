@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from .knn import _as_features, knn
+from .knn import _as_features, _auto_backend, knn
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,12 @@ def reciprocal_pairs(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``R(i, k)`` for all ``i`` as pairs ``(rows, cols)``, rows ascending, each row in rank order.
 
     Args:
-        rank: ``[N, K]`` int64 neighbour indices, row ``i`` starting with ``i``.
+        rank: ``[N, K]`` int32 or int64 neighbour indices, row ``i`` starting with ``i``.
         k: the slice ``rank[:, :k+1]`` (cut at the K columns there are) defines the forward lists.
     """
     n, kk = rank.shape
     w = min(k + 1, kk)
-    cols = rank[:, :w].reshape(-1)
+    cols = rank[:, :w].reshape(-1).astype(np.int64)  # keys i * N + j need 64 bits
     rows = np.repeat(np.arange(n, dtype=np.int64), w)
     skeys = np.sort(rows * n + cols)
     rev = cols * n + rows
@@ -326,7 +326,8 @@ def jaccard_distance(
         knn_result: a precomputed ``(similarities [N, K], indices [N, K])`` with ``K >= min(k1, N)`` and
             ``i`` first in row ``i`` (skips the search).
         progress: tqdm bars for the kNN and the min-sum.
-        timings: if a dict is given, ``knn_s`` / ``v_s`` / ``minsum_s`` wall times are stored in it.
+        timings: if a dict is given, ``knn_s`` / ``v_s`` / ``minsum_s`` wall times, ``v_nnz`` / ``nnz``
+            (stored entries of V / of the result) and ``knn_backend`` (the one used) are stored in it.
         max_distance: store only the entries ``<= max_distance`` (and the diagonal). ``None`` (default):
             every pair sharing a column of V, the documented contract. ``pseudo_labels`` passes ``eps``:
             DBSCAN only looks at entries ``<= eps``, and the matrix shrinks from ~2,000 stored entries per
@@ -345,7 +346,10 @@ def jaccard_distance(
     kk = min(int(k1), n)
     t0 = time.perf_counter()
     if knn_result is None:
-        sims, rank = knn(x, kk, backend=knn_backend, progress=progress)  # type: ignore[arg-type]
+        if knn_backend == "auto":
+            knn_backend = _auto_backend()
+        sims, rank = knn(x, kk, backend=knn_backend, progress=progress,  # type: ignore[arg-type]
+                         index_dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
     else:
         sims, rank = knn_result
         if rank.shape[0] != n or rank.shape[1] < kk or sims.shape != rank.shape:
@@ -359,7 +363,8 @@ def jaccard_distance(
     dist = jaccard_from_v(v, progress=progress, max_distance=max_distance)
     t3 = time.perf_counter()
     if timings is not None:
-        timings.update(knn_s=t1 - t0, v_s=t2 - t1, minsum_s=t3 - t2, v_nnz=int(v.nnz), nnz=int(dist.nnz))
+        timings.update(knn_s=t1 - t0, v_s=t2 - t1, minsum_s=t3 - t2, v_nnz=int(v.nnz), nnz=int(dist.nnz),
+                       knn_backend=knn_backend if knn_result is None else "given")
     log.debug("jaccard: N=%d knn %.2fs V %.2fs (nnz %d) min-sum %.2fs (nnz %d)", n, t1 - t0, t2 - t1,
               v.nnz, t3 - t2, dist.nnz)
     return dist
