@@ -3,7 +3,7 @@
 Every configuration runs in its own subprocess so that its peak RSS (``ru_maxrss`` of the whole process:
 imports, features, everything) is its own.
 
-    .venv/bin/python bench/cluster.py                       # the default set below (many minutes on 2 cores)
+    .venv/bin/python bench/cluster.py                       # the default set below (~20 min on 2 cores)
     .venv/bin/python bench/cluster.py --only pipe:12936:2048 dense:12936:2048 --repeat 3
 
 Configurations ``KIND:N:D``: ``sparse`` = ``knn`` + ``jaccard_distance`` (full matrix: every pair sharing a
@@ -18,8 +18,8 @@ before the search: the GFLOP/s of a plain ``[4096, d] @ [d, 4096]`` float32 prod
 the kNN uses), best of 3; the kNN's effective rate is ``2 N^2 d / time``.
 
 The driver asserts that the ``sparse`` / ``pipe`` labels equal the ``dense`` labels of the same N x d
-(exit status 1 otherwise). ``--repeat R`` runs the whole list R times, interleaved, and reports medians and
-the min-max spread.
+(exit status 1 otherwise). ``--repeat R`` runs the whole list R times, interleaved (a configuration
+``KIND:N:D:R`` sets its own count), and reports medians and the min-max spread.
 
 Data: synthetic re-ID-like features (L2-normalised): ``N / per_id`` identities with random centres,
 a per-camera offset (6 cameras) and Gaussian noise, rows shuffled (no index locality). k1=30, k2=6,
@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ["pipe:12936:2048", "dense:12936:2048", "sparse:12936:2048", "pipe:100000:256", "pipe:200000:256"]
+DEFAULT = ["pipe:12936:2048:3", "dense:12936:2048:3", "sparse:12936:2048:3", "pipe:100000:256:1",
+           "pipe:200000:256:1"]
 
 
 def synth(n: int, d: int, per_id: float = 17.2, cams: int = 6, noise: float = 1.0, cam_w: float = 0.35,
@@ -61,7 +62,7 @@ def synth(n: int, d: int, per_id: float = 17.2, cams: int = 6, noise: float = 1.
         x[a:b] = centers[pid[a:b]]
         x[a:b] += cam_w * cam_vec[cam[a:b]]
         x[a:b] += noise * rng.standard_normal((b - a, d), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x[a:b] /= np.linalg.norm(x[a:b], axis=1, keepdims=True)
     return x, pid, cam
 
 
@@ -163,7 +164,7 @@ def _fmt(vals: list, digits: int = 2) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=DEFAULT, help="configurations KIND:N:D")
+    ap.add_argument("--only", nargs="*", default=DEFAULT, help="configurations KIND:N:D[:REPEATS]")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times, interleaved")
     ap.add_argument("--per-id", type=float, default=17.2, help="images per identity (Market-1501: 17.2)")
     ap.add_argument("--worker", nargs=3, metavar=("KIND", "N", "D"), help=argparse.SUPPRESS)
@@ -178,9 +179,12 @@ def main() -> None:
           f"cpus: {os.cpu_count()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="lf2-bench-cluster-"))
     runs: dict = {}
-    for rep in range(args.repeat):
-        for spec in args.only:
-            kind, n, d = spec.split(":")
+    specs = [(sp.split(":") + [str(args.repeat)])[:4] for sp in args.only]
+    for rep in range(max(int(r) for *_, r in specs)):
+        for kind, n, d, reps in specs:
+            if rep >= int(reps):
+                continue
+            spec = f"{kind}:{n}:{d}"
             out = tmp / f"{kind}-{n}-{d}-{rep}.npy"
             cmd = [sys.executable, __file__, "--worker", kind, n, d, "--per-id", str(args.per_id),
                    "--labels-out", str(out)]

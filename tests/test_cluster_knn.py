@@ -60,8 +60,8 @@ def _integer_feats(n, d, seed):
 @pytest.mark.parametrize("n,d,k,chunk", [(300, 16, 12, 7), (1000, 40, 31, 128), (257, 8, 257, 50),
                                          (500, 3, 20, 64), (333, 5, 9, 32), (40, 6, 5, None)])
 def test_torch_blocked_exact_with_ties(symmetric, n, d, k, chunk):
-    """Blocked torch search == a stable float64 argsort (lowest index first among equal products), for N not
-    a multiple of the block, k = N, one-row blocks excluded by construction, heavy ties."""
+    """Blocked torch search == a stable float64 argsort (lowest index first among equal products): N not a
+    multiple of the block, blocks with fewer rows than k + 1, k = N, heavy ties."""
     x = _integer_feats(n, d, seed=n + d)
     s = x.astype(np.float64) @ x.T.astype(np.float64)
     ref = np.argsort(-s, axis=1, kind="stable")[:, :k]
