@@ -237,14 +237,30 @@ def test_bad_k_raises(feats):
 
 
 def test_many_blocks_and_chunks_give_the_same_matrix(feats, references, monkeypatch):
-    """Tiny block / buffer / chunk sizes (many blocks, rows split across output chunks) change nothing."""
+    """Tiny block / buffer / chunk sizes (many blocks, rows split across output chunks, expansion in chunks
+    of 7 rows) change nothing."""
     from lf2core.cluster import jaccard as jac
 
     base = jaccard_distance(feats, k1=20, k2=6)
     monkeypatch.setattr(jac, "MINSUM_BLOCK_TERMS", 997)
     monkeypatch.setattr(jac, "MINSUM_BUFFER", 3 * len(feats) + 5)
     monkeypatch.setattr(jac._ChunkedOutput, "CHUNK", 1009)
+    monkeypatch.setattr(jac, "EXPANSION_CHUNK_ROWS", 7)
     small = jaccard_distance(feats, k1=20, k2=6)
     assert np.array_equal(small.indptr, base.indptr) and np.array_equal(small.indices, base.indices)
     assert np.array_equal(small.data, base.data)
     np.testing.assert_allclose(as_dense(small), references[(20, 6)][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_full_path_labels_identical_to_dense_reference_high_dim(backend):
+    """d >= 1024: the torch backend takes its symmetric path; features -> labels through ``pseudo_labels``
+    equals sklearn DBSCAN on the dense reference built from a float64 brute-force ranking."""
+    x = clustered_features(n_ids=30, per_id=(2, 16), d=1024, noise=1.6, seed=5)
+    jac_ref = dense_jaccard_reference(x, 30, 6)
+    expected = DBSCAN(eps=0.6, min_samples=4, metric="precomputed").fit_predict(jac_ref)
+    timings: dict = {}
+    got = pseudo_labels(x, "dbscan", k1=30, k2=6, eps=0.6, min_samples=4, knn_backend=backend, timings=timings)
+    assert np.array_equal(got, expected)
+    assert timings["knn_backend"] == backend and set(timings) >= {"knn_s", "v_s", "minsum_s", "dbscan_s"}
+    assert expected.max() >= 3 and (expected == -1).any()

@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from .knn import _as_features, knn
+from .knn import _as_features, _auto_backend, knn
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +73,32 @@ def _segment_starts(counts: np.ndarray) -> np.ndarray:
     return starts
 
 
+#: rows per chunk of the reciprocity test (its temporaries are ``[chunk, k+1, k+1]`` booleans)
+RECIPROCAL_CHUNK_ROWS = 8192
+
+
 def reciprocal_pairs(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``R(i, k)`` for all ``i`` as pairs ``(rows, cols)``, rows ascending, each row in rank order.
+    """``R(i, k)`` for all ``i`` as pairs ``(rows, cols)`` (int64), rows ascending, each row in rank order.
 
     Args:
-        rank: ``[N, K]`` int64 neighbour indices, row ``i`` starting with ``i``.
+        rank: ``[N, K]`` int32 or int64 neighbour indices, row ``i`` starting with ``i``.
         k: the slice ``rank[:, :k+1]`` (cut at the K columns there are) defines the forward lists.
+
+    ``j = rank[i, t]`` is kept when ``i`` is among ``rank[j, :k+1]``: a ``[rows, k+1, k+1]`` comparison,
+    ``RECIPROCAL_CHUNK_ROWS`` rows at a time.
     """
     n, kk = rank.shape
     w = min(k + 1, kk)
-    cols = rank[:, :w].reshape(-1)
-    rows = np.repeat(np.arange(n, dtype=np.int64), w)
-    skeys = np.sort(rows * n + cols)
-    rev = cols * n + rows
-    pos = np.minimum(np.searchsorted(skeys, rev), len(skeys) - 1)
-    keep = skeys[pos] == rev
-    return rows[keep], cols[keep]
+    out_r, out_c = [], []
+    for a in range(0, n, RECIPROCAL_CHUNK_ROWS):
+        b = min(n, a + RECIPROCAL_CHUNK_ROWS)
+        fwd = rank[a:b, :w]  # [rows, w]
+        rows = np.arange(a, b, dtype=fwd.dtype)
+        keep = (rank[fwd, :w] == rows[:, None, None]).any(axis=2)  # [rows, w]
+        r, t = np.nonzero(keep)
+        out_r.append(r.astype(np.int64) + a)
+        out_c.append(fwd[r, t].astype(np.int64))
+    return np.concatenate(out_r), np.concatenate(out_c)
 
 
 def _pattern(rows: np.ndarray, cols: np.ndarray, n: int, dtype=np.float32) -> sp.csr_matrix:
@@ -118,27 +128,46 @@ def _pair_similarities(x: np.ndarray, e: sp.csr_matrix, sims: np.ndarray, rank: 
 
 
 # ------------------------------------------------------------------------------------------ steps
+#: rows of M1 per chunk of the expansion step (bounds the temporaries of its sparse products)
+EXPANSION_CHUNK_ROWS = 8192
+
+
 def expansion_sets(rank: np.ndarray, k1: int) -> sp.csr_matrix:
     """``E(i)`` (step 3) for all ``i``: the pattern of an ``N x N`` CSR matrix (sorted indices).
 
     With ``M1[i, j] = [j in R(i, k1)]`` and ``Mh[c, j] = [j in R(c, round(k1/2))]``:
     ``|R(c, k1/2) ∩ R(i, k1)| = (M1 @ Mh.T)[i, c]``, sampled on the pattern of M1; the rows ``c`` passing
-    the 2/3 test form P, and ``E = pattern(M1 + P @ Mh)`` — sparse products in scipy's C++ kernels.
+    the 2/3 test form P, and ``E = pattern(M1 + P @ Mh)`` — sparse products in scipy's C++ kernels, done
+    for ``EXPANSION_CHUNK_ROWS`` rows of M1 at a time (so their temporaries stay O(chunk * k^2)).
     """
     n = rank.shape[0]
     half = int(np.around(k1 / 2.0))  # numpy rounds half to even, as the reference's np.around
     m1 = _pattern(*reciprocal_pairs(rank, k1), n)
     mh = _pattern(*reciprocal_pairs(rank, half), n)
-    r1_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(m1.indptr))
-    r1_cols = m1.indices.astype(np.int64)
-    inter = np.asarray((m1 @ mh.T).tocsr()[r1_rows, r1_cols]).reshape(-1)
+    mht = mh.T.tocsr()
     rh_count = np.diff(mh.indptr).astype(np.float64)
-    passing = inter > 2.0 / 3.0 * rh_count[r1_cols]  # same float expression as the reference
-    p = _pattern(r1_rows[passing], r1_cols[passing], n)
-    e = (m1 + p @ mh).tocsr()
-    e.sum_duplicates()
-    e.sort_indices()
-    return e
+    index_dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
+    parts, counts = [], []
+    for a in range(0, n, EXPANSION_CHUNK_ROWS):
+        b = min(n, a + EXPANSION_CHUNK_ROWS)
+        m1c = m1[a:b]
+        r1_rows = np.repeat(np.arange(b - a, dtype=np.int64), np.diff(m1c.indptr))
+        r1_cols = m1c.indices.astype(np.int64)
+        inter = np.asarray((m1c @ mht).tocsr()[r1_rows, r1_cols]).reshape(-1)
+        passing = inter > 2.0 / 3.0 * rh_count[r1_cols]  # same float expression as the reference
+        p = _pattern(r1_rows[passing], r1_cols[passing], n)[: b - a]
+        e = (m1c + p @ mh).tocsr()
+        e.sum_duplicates()
+        e.sort_indices()
+        parts.append(e.indices.astype(index_dtype))
+        counts.append(np.diff(e.indptr))
+        del m1c, p, e, inter, r1_rows, r1_cols
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts), out=indptr[1:])
+    indices = np.concatenate(parts)
+    out = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n, n))
+    out.has_sorted_indices = True
+    return out
 
 
 def build_v(x: np.ndarray, rank: np.ndarray, sims: np.ndarray, k1: int, k2: int) -> sp.csr_matrix:
@@ -247,12 +276,12 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False, max_distance: Optio
 
 
 def _inverted_columns(v: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """V's columns as inverted lists: ``(col_ptr [N+1], col_rows [nnz], col_vals [nnz], col_cnt [N])``,
-    rows ascending within each column."""
+    """V's columns as inverted lists: ``(col_ptr [N+1] int64, col_rows [nnz] (V's index dtype), col_vals
+    [nnz], col_cnt [N] int64)``, rows ascending within each column."""
     vt = v.tocsc()
     vt.sort_indices()
     col_ptr = vt.indptr.astype(np.int64)
-    return col_ptr, vt.indices.astype(np.int64), vt.data, np.diff(col_ptr)
+    return col_ptr, vt.indices, vt.data, np.diff(col_ptr)
 
 
 def _block_edges(v: sp.csr_matrix, row_nnz: np.ndarray, col_cnt: np.ndarray, max_rows: int) -> list[int]:
@@ -260,8 +289,9 @@ def _block_edges(v: sp.csr_matrix, row_nnz: np.ndarray, col_cnt: np.ndarray, max
     ``max_rows`` rows (``MINSUM_BUFFER`` cells)."""
     n = v.shape[0]
     row_terms = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(np.repeat(np.arange(n), row_nnz), weights=col_cnt[v.indices.astype(np.int64)],
-                          minlength=n).astype(np.int64), out=row_terms[1:])
+    per_row = np.add.reduceat(np.append(col_cnt[v.indices], 0), v.indptr[:-1])
+    per_row[row_nnz == 0] = 0  # reduceat gives an empty segment the value at its start
+    np.cumsum(per_row, out=row_terms[1:])
     edges = [0]
     while edges[-1] < n:
         a = edges[-1]
@@ -326,7 +356,8 @@ def jaccard_distance(
         knn_result: a precomputed ``(similarities [N, K], indices [N, K])`` with ``K >= min(k1, N)`` and
             ``i`` first in row ``i`` (skips the search).
         progress: tqdm bars for the kNN and the min-sum.
-        timings: if a dict is given, ``knn_s`` / ``v_s`` / ``minsum_s`` wall times are stored in it.
+        timings: if a dict is given, ``knn_s`` / ``v_s`` / ``minsum_s`` wall times, ``v_nnz`` / ``nnz``
+            (stored entries of V / of the result) and ``knn_backend`` (the one used) are stored in it.
         max_distance: store only the entries ``<= max_distance`` (and the diagonal). ``None`` (default):
             every pair sharing a column of V, the documented contract. ``pseudo_labels`` passes ``eps``:
             DBSCAN only looks at entries ``<= eps``, and the matrix shrinks from ~2,000 stored entries per
@@ -345,7 +376,10 @@ def jaccard_distance(
     kk = min(int(k1), n)
     t0 = time.perf_counter()
     if knn_result is None:
-        sims, rank = knn(x, kk, backend=knn_backend, progress=progress)  # type: ignore[arg-type]
+        if knn_backend == "auto":
+            knn_backend = _auto_backend()
+        sims, rank = knn(x, kk, backend=knn_backend, progress=progress,  # type: ignore[arg-type]
+                         index_dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
     else:
         sims, rank = knn_result
         if rank.shape[0] != n or rank.shape[1] < kk or sims.shape != rank.shape:
@@ -359,7 +393,8 @@ def jaccard_distance(
     dist = jaccard_from_v(v, progress=progress, max_distance=max_distance)
     t3 = time.perf_counter()
     if timings is not None:
-        timings.update(knn_s=t1 - t0, v_s=t2 - t1, minsum_s=t3 - t2, v_nnz=int(v.nnz), nnz=int(dist.nnz))
+        timings.update(knn_s=t1 - t0, v_s=t2 - t1, minsum_s=t3 - t2, v_nnz=int(v.nnz), nnz=int(dist.nnz),
+                       knn_backend=knn_backend if knn_result is None else "given")
     log.debug("jaccard: N=%d knn %.2fs V %.2fs (nnz %d) min-sum %.2fs (nnz %d)", n, t1 - t0, t2 - t1,
               v.nnz, t3 - t2, dist.nnz)
     return dist

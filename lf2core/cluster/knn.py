@@ -4,7 +4,10 @@ Backends:
 
 - ``faiss``: ``faiss.knn`` (exact, blocked BLAS inner products) on CPU; on GPU (``faiss.knn_gpu``) when
   the installed faiss has GPUs.
-- ``torch``: chunked ``queries @ features.T`` + ``topk`` on CUDA when available, else CPU.
+- ``torch``: blocked ``queries @ features.T`` into one preallocated ``[chunk, N]`` float32 buffer + ``topk``,
+  on CUDA when available, else CPU. On CPU this runs near the sgemm rate of the machine (the product is
+  almost all of the work; ``bench/cluster.py`` prints both), where ``faiss.knn`` (flat) ran ~4x slower.
+- ``auto``: faiss-GPU if faiss sees a GPU, else torch, else faiss-CPU.
 
 Queries are processed in chunks of ``chunk_size`` rows, so the only O(N)-sized outputs are the two
 ``[N, k]`` result arrays; no ``N x N`` matrix ever exists.
@@ -45,31 +48,34 @@ def _faiss_available() -> bool:
     return True
 
 
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _auto_backend() -> str:
-    """faiss on GPU if it has GPUs; else torch on CUDA if available; else faiss (CPU); else torch (CPU)."""
+    """faiss on GPU if it has GPUs; else torch (CUDA when available, else the blocked CPU product, which
+    runs near the machine's sgemm rate where faiss's flat CPU search does not); faiss CPU without torch."""
     if _faiss_available():
         import faiss
 
         if hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU here
             return "faiss"
-    # importing torch costs ~0.5 GB of RSS: only look for CUDA when torch is loaded or a GPU exists
-    if "torch" in sys.modules or os.path.exists("/dev/nvidia0"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():  # pragma: no cover - no GPU here
-                return "torch"
-        except ImportError:  # pragma: no cover
-            pass
-    return "faiss" if _faiss_available() else "torch"
+    try:
+        import torch  # noqa: F401  (~0.5 GB of RSS on import; the cluster stage has it loaded anyway)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "faiss"
+    return "torch"
 
 
-def _knn_faiss(x: np.ndarray, k: int, chunk_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _knn_faiss(x: np.ndarray, k: int, chunk_size: int, progress: bool,
+               index_dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
     n = x.shape[0]
     sims = np.empty((n, k), dtype=np.float32)
-    idx = np.empty((n, k), dtype=np.int64)
+    idx = np.empty((n, k), dtype=index_dtype)
     use_gpu = hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0
     res = faiss.StandardGpuResources() if use_gpu else None
     for a in tqdm(range(0, n, chunk_size), desc="knn (faiss%s)" % ("-gpu" if use_gpu else ""),
@@ -84,22 +90,91 @@ def _knn_faiss(x: np.ndarray, k: int, chunk_size: int, progress: bool) -> tuple[
     return sims, idx
 
 
-def _knn_torch(x: np.ndarray, k: int, chunk_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+#: target size of the ``[rows, N]`` float32 similarity block of the torch backend (bytes)
+TORCH_BLOCK_BYTES = 32 << 20
+#: bounds on the rows of that block: fewer rows make the matrix product inefficient, more rows no faster
+TORCH_BLOCK_ROWS = (128, 512)
+
+
+def torch_block_rows(n: int) -> int:
+    """Default query rows per block of the torch backend for ``N = n`` database rows: enough for an
+    efficient ``[rows, d] @ [d, N]`` product, about ``TORCH_BLOCK_BYTES`` of output, at most ``n``."""
+    lo, hi = TORCH_BLOCK_ROWS
+    return max(1, min(n, hi, max(lo, TORCH_BLOCK_BYTES // (4 * n))))
+
+
+#: from this dimension up the CPU torch backend computes each product once (``symmetric``): the product is
+#: then worth more than the slower column-wise ``topk`` that the transposed half needs (measured: ~10-15 ns
+#: per element against ~2d / (sgemm rate) for recomputing it)
+SYMMETRIC_MIN_DIM = 1024
+#: rows of the ``[rows, 2 (k + 1)]`` merges of the symmetric search, per call (bounds their temporaries)
+MERGE_ROWS = 16384
+
+
+def _finish_rows(v: np.ndarray, i: np.ndarray, k: int, x: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of rows ``a, a+1, ...`` from their top-``kq`` (``kq = k + 1`` unless ``k = N``)
+    similarities ``v`` / indices ``i`` (any order among equal values): ordered by (decreasing similarity,
+    increasing index); a row whose ``k``-th and ``k+1``-th similarities are equal (a tie across the cut) is
+    redone with a stable sort of its float32 products, so the lowest tied indices are kept."""
+    order = np.lexsort((i, -v), axis=-1)
+    v, i = np.take_along_axis(v, order, axis=1), np.take_along_axis(i, order, axis=1)
+    if v.shape[1] > k:
+        for r in np.flatnonzero(v[:, k - 1] == v[:, k]):  # rare (duplicated features)
+            row = x @ x[a + r]
+            i[r, :k] = np.argsort(-row, kind="stable")[:k]
+            v[r, :k] = row[i[r, :k]]
+        v, i = v[:, :k], i[:, :k]
+    return v, i
+
+
+def _knn_torch(x: np.ndarray, k: int, chunk_size: int, progress: bool, index_dtype=np.int64,
+               symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Blocked exact search: for each block of ``chunk_size`` query rows one ``[rows, d] @ [d, N]``
+    product into a preallocated float32 buffer, then ``topk(k + 1)`` (one more than asked, to see a tie
+    across the cut; see :func:`_finish_rows` for the tie rule).
+
+    ``symmetric``: block ``[a, b)`` computes only ``X[a:b] @ X[a:].T`` (half the products in all): its rows
+    give rows ``a..b-1`` their neighbours among ``j >= a``; its columns ``j >= b`` give row ``j`` a
+    top-``(k+1)`` among ``a..b-1`` (column-wise ``topk``), merged into a running ``[N, k+1]`` list that
+    completes row ``j`` when its own block comes.
+    """
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = x.shape[0]
-    base = torch.from_numpy(x).to(device)
+    base = torch.from_numpy(x).to(device)  # no copy on CPU
     sims = np.empty((n, k), dtype=np.float32)
-    idx = np.empty((n, k), dtype=np.int64)
+    idx = np.empty((n, k), dtype=index_dtype)
+    kq = min(k + 1, n)
+    cs = min(chunk_size, n)
+    flat = torch.empty(cs * n, dtype=torch.float32, device=device)
+    if symmetric:
+        run_v = torch.full((n, kq), -float("inf"), dtype=torch.float32, device=device)
+        run_i = torch.full((n, kq), -1, dtype=torch.int64, device=device)
     with torch.no_grad():
-        for a in tqdm(range(0, n, chunk_size), desc=f"knn (torch-{device.type})", disable=not progress,
-                      unit="chunk"):
-            s = base[a : a + chunk_size] @ base.T  # [chunk, N]
-            v, i = torch.topk(s, k, dim=1, largest=True, sorted=True)
-            sims[a : a + s.shape[0]] = v.cpu().numpy()
-            idx[a : a + s.shape[0]] = i.cpu().numpy()
-            del s
+        for a in tqdm(range(0, n, cs), desc=f"knn (torch-{device.type})", disable=not progress, unit="chunk"):
+            b = min(n, a + cs)
+            c0 = a if symmetric else 0
+            s = flat[: (b - a) * (n - c0)].view(b - a, n - c0)
+            torch.mm(base[a:b], base[c0:].T, out=s)  # [rows, N - c0]
+            v, i = torch.topk(s, min(kq, n - c0), dim=1, largest=True, sorted=False)
+            if symmetric:
+                i += c0
+                v, pos = torch.topk(torch.cat([run_v[a:b], v], 1), kq, dim=1, sorted=False)
+                i = torch.gather(torch.cat([run_i[a:b], i], 1), 1, pos)
+                if b < n:  # columns j >= b: their top-(k+1) among rows a..b-1, merged into the running lists
+                    cv, ci = torch.topk(s[:, b - a:], min(kq, b - a), dim=0, sorted=False)  # [kc, N - b]
+                    cv, ci = cv.T, ci.T + a
+                    for m in range(0, n - b, MERGE_ROWS):
+                        j0, j1 = b + m, min(n, b + m + MERGE_ROWS)
+                        mv, pos = torch.topk(torch.cat([run_v[j0:j1], cv[m : m + j1 - j0]], 1), kq, dim=1,
+                                             sorted=False)
+                        run_i[j0:j1] = torch.gather(torch.cat([run_i[j0:j1], ci[m : m + j1 - j0]], 1), 1, pos)
+                        run_v[j0:j1] = mv
+            v, i = v.cpu().numpy(), i.cpu().numpy()
+            if np.any(i < 0) or not np.isfinite(v).all():
+                raise ValueError("knn: inner products overflow float32 (features too large to compare)")
+            sims[a:b], idx[a:b] = _finish_rows(v, i, k, x, a)
     return sims, idx
 
 
@@ -111,35 +186,51 @@ def knn(
     chunk_size: Optional[int] = None,
     self_first: bool = True,
     progress: bool = False,
+    index_dtype=np.int64,
+    symmetric: Optional[bool] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row of ``features`` among all rows, by inner product.
 
     Args:
         features: ``[N, d]`` float array (L2-normalised for cosine neighbours).
         k: neighbours per row, ``1 <= k <= N`` (the row itself counts as one of them).
-        backend: ``"faiss"``, ``"torch"`` or ``"auto"`` (faiss-GPU, else torch-CUDA, else faiss-CPU).
-        chunk_size: query rows per block (default: 4096 for faiss; for torch, enough rows that a
-            ``[chunk, N]`` float32 block is ~256 MiB).
+        backend: ``"faiss"``, ``"torch"`` or ``"auto"``: faiss-GPU if faiss sees a GPU, else torch
+            (CUDA if available, else the blocked CPU product + ``topk``), else faiss-CPU.
+        chunk_size: query rows per block (default: 4096 for faiss; for torch :func:`torch_block_rows`,
+            128-512 rows, a ``[chunk, N]`` float32 block of ~32 MiB).
         self_first: guarantee ``indices[i, 0] == i`` (the k-reciprocal semantics need "i itself first").
             With distinct features this is what the search returns anyway; with duplicated rows a tie
             could put a twin first, in which case ``i`` is moved to the front and the rest shifted.
         progress: show a tqdm bar over chunks.
+        index_dtype: ``np.int64`` (default) or ``np.int32`` (half the memory of the ``[N, k]`` indices).
+        symmetric: torch backend only: compute each inner product once and use it for both rows (half the
+            multiply-adds, a slower column-wise ``topk`` for the transposed half). ``None`` (default): on
+            CPU when ``d >= SYMMETRIC_MIN_DIM``.
 
     Returns:
-        ``(similarities [N, k] float32, indices [N, k] int64)``, each row sorted by decreasing similarity.
+        ``(similarities [N, k] float32, indices [N, k] index_dtype)``, each row sorted by decreasing
+        similarity. The torch backend orders equal similarities by increasing index and keeps the lowest
+        indices on a tie across the ``k``-th place (the order of a stable sort of the float32 products).
     """
     x = _as_features(features)
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"knn: k must be an integer in [1, N={n}], got {k!r}")
     k = int(k)
+    index_dtype = np.dtype(index_dtype)
+    if index_dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
+        raise ValueError(f"knn: index_dtype must be int64 or int32, got {index_dtype}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(f"knn: chunk_size must be a positive integer, got {chunk_size!r}")
     if backend == "auto":
-        backend = _auto_backend()
+        backend = _auto_backend()  # type: ignore[assignment]
     if backend == "faiss":
-        sims, idx = _knn_faiss(x, k, chunk_size or 4096, progress)
+        sims, idx = _knn_faiss(x, k, int(chunk_size or 4096), progress, index_dtype)
     elif backend == "torch":
-        cs = chunk_size or max(1, min(n, (256 << 20) // (4 * n)))
-        sims, idx = _knn_torch(x, k, cs, progress)
+        if symmetric is None:  # pragma: no branch
+            symmetric = x.shape[1] >= SYMMETRIC_MIN_DIM and not _torch_cuda()
+        sims, idx = _knn_torch(x, k, int(chunk_size or torch_block_rows(n)), progress, index_dtype,
+                               bool(symmetric))
     else:
         raise ValueError(f"knn: unknown backend {backend!r} (expected auto, faiss or torch)")
     if self_first:
@@ -150,7 +241,7 @@ def knn(
 def _force_self_first(x: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Put row ``i`` at column 0 of its own neighbour list (vectorised; a no-op for distinct features)."""
     n, k = idx.shape
-    rows = np.arange(n, dtype=np.int64)
+    rows = np.arange(n, dtype=idx.dtype)
     bad = idx[:, 0] != rows
     if not bad.any():
         return sims, idx

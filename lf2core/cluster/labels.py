@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Literal, Mapping, Optional
 
@@ -136,6 +137,7 @@ def pseudo_labels(
     kmeans_init_size: Optional[int] = None,
     knn_backend: str = "auto",
     progress: bool = False,
+    timings: Optional[dict] = None,
 ) -> np.ndarray:
     """Pseudo labels of the rows of ``features`` ``[N, d]`` -> ``[N]`` int64 (-1 = DBSCAN outlier).
 
@@ -143,14 +145,20 @@ def pseudo_labels(
     ``method="kmeans"``: MiniBatchKMeans with ``num_clusters`` clusters on the L2-normalised features
     (``kmeans_*``: batch size, max iterations, n_init, init_size), seeded with ``seed``; no outliers.
     Outliers are kept as -1: see :func:`apply_outlier_policy`.
+    ``timings``: if a dict is given (DBSCAN only), the wall times of :func:`jaccard_distance` and
+    ``dbscan_s`` are stored in it.
     """
     if method == "dbscan":
         if not 0.0 < eps:
             raise ValueError(f"pseudo_labels: eps must be > 0, got {eps}")
         # entries > eps are never DBSCAN neighbours: not storing them gives the same labels in less memory
         dist = jaccard_distance(features, k1=k1, k2=k2, knn_backend=knn_backend, progress=progress,
-                                max_distance=eps)
-        return dbscan_precomputed(dist, eps=eps, min_samples=min_samples)
+                                max_distance=eps, timings=timings)
+        t0 = time.perf_counter()
+        labels = dbscan_precomputed(dist, eps=eps, min_samples=min_samples)
+        if timings is not None:
+            timings["dbscan_s"] = time.perf_counter() - t0
+        return labels
     if method == "kmeans":
         return kmeans_labels(
             normalize_rows(features), num_clusters, seed=seed, batch_size=kmeans_batch_size,  # type: ignore[arg-type]
