@@ -232,7 +232,8 @@ def read_labels(location: str, num_samples: int, names: Iterable[str] = LABEL_SE
     c = arrays.get("centroids")
     if c is None:
         raise _missing(uri, "centroids", arrays)
-    if c.ndim != 2 or c.shape[0] != g or not np.issubdtype(c.dtype, np.floating):
+    # more rows than the largest label + 1: k-means centres of empty clusters (cluster.classifier_init=centres)
+    if c.ndim != 2 or c.shape[0] < g or not np.issubdtype(c.dtype, np.floating):
         raise DataError(f"{uri}: 'centroids' must be a float [{g}, C] matrix (one row per global class), "
                         f"got {c.dtype} {c.shape}")
     return PseudoLabels(sets, c.astype(np.float32), raw)
