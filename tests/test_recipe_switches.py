@@ -336,3 +336,20 @@ def test_rng_states_from_a_host_with_more_gpus(monkeypatch, caplog):
     del states["cuda"]
     checkpoint.set_rng_states(states, device_count=2)  # saved without CUDA: nothing to restore
     assert calls == []
+
+
+def test_method_doc_names_every_switch():
+    """docs/method.md, section 9: the table names every switch with its released value."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    table = doc[doc.index("### The released behaviour, switch by switch"):doc.index("### Other switches")]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| **")]
+    assert len(rows) == 7
+    for key in RELEASED:
+        if key in ("pretrain.eval_every", "finetune.random_erasing"):
+            continue
+        leaf = key.split(".")[-1]
+        row = next((r for r in rows if f"`{key}`" in r or f"`{leaf}`" in r), None)
+        assert row is not None, key
+        assert str(RELEASED[key]).lower() in row.lower(), key

@@ -295,8 +295,13 @@ def fast_step(
         else contextlib.nullcontext()
     )
     # the released code wraps student and teacher in nn.DataParallel, not the Fuse: only they get bn_group
-    groups = ghost_batchnorm([mt.student, mt.teacher], sizes, settings.bn_group)
-    with groups, ghost_batchnorm([mt.fuse], sizes), amp:
+    if settings.bn_group > 0:
+        bns: contextlib.AbstractContextManager = contextlib.ExitStack()
+        bns.enter_context(ghost_batchnorm([mt.student, mt.teacher], sizes, settings.bn_group))
+        bns.enter_context(ghost_batchnorm([mt.fuse], sizes))
+    else:
+        bns = ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes)
+    with bns, amp:
         run_teacher = teacher_pass or need_fusion_grad
         s = mt.student.features(x, attention=run_teacher)  # the attention feeds only the Fuse
         if run_teacher:
