@@ -189,7 +189,8 @@ class PseudoLabels:
     manifest order) with the outlier policy applied (-1 = never sampled) and the global labels numbered
     0..G-1; ``centroids``: float32 [G, C], row k = the L2-normalised mean global fusion feature of global
     class k (``cluster.classifier_init = centres``: the k-means centre of cluster k, G = K, and classes
-    left empty by k-means keep their row and number). ``raw``: the file's bytes (a fingerprint of the labels; empty when not read from a file).
+    left empty by k-means keep their row and number). ``raw``: the file's bytes (a fingerprint of the
+    labels; empty when not read from a file).
     """
 
     sets: dict[str, np.ndarray]

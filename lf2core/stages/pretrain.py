@@ -11,9 +11,11 @@ loss) so the BN running statistics see the target domain.
 Evaluation: source query/gallery every ``eval_every`` epochs (and after the last). ``source_checkpoint``:
 ``final`` (default) -- logged only, no model selection: ``model.pt`` holds the final weights;
 ``best_source`` (released) -- ``model.pt`` holds the weights of the evaluated epoch with the highest SOURCE
-test mAP (source labels: a legitimate selection; metrics ``selected_epoch``, ``selected_source_mAP``). After training the final model is also evaluated
-on the target query/gallery once, for the report (``target_*`` metrics = the source-only baseline); it
-never influences training.
+test mAP (source labels: a legitimate selection; metrics ``selected_epoch``, ``selected_source_mAP``).
+After training the model handed on (``model.pt``) is also evaluated on the target query/gallery once, for
+the report (``target_*`` metrics = the source-only baseline); it never influences training or selection.
+``pretrain.sampler`` picks the source batches (``balanced`` P x K or ``released``) and ``pretrain.bn_group``
+the BatchNorm groups (``nn.DataParallel`` of the released code).
 
 Resume: after every epoch the full training state (model, optimiser, scheduler, AMP scaler, metrics
 history, RNG states) is written to ``<work>/state.pt`` with ``<work>`` = ``$LF2_WORK_DIR`` or
