@@ -189,8 +189,9 @@ class Config:
     seed: int = _f(1, ge=0)
     device: str = _f("auto", pattern=r"auto|cpu|cuda(:[0-9]+)?")  # cuda = cuda:0
     amp: bool = True  # autocast on CUDA only
-    # TF32 on CUDA (matmul + cuDNN): default = PyTorch's own settings, off = exact fp32 (released), on
-    tf32: str = _f("default", choices=("default", "off", "on"))
+    # TF32 on CUDA (matmul + cuDNN): default = PyTorch's own settings, never = exact fp32 (released), allow
+    # (not on/off: YAML reads those as booleans)
+    tf32: str = _f("default", choices=("default", "never", "allow"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -37,19 +37,19 @@ TORCH_TF32 = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bo
 
 
 def apply_tf32(mode: str) -> dict[str, bool]:
-    """Config key ``tf32``: ``off`` = float32 matmuls and convolutions computed in full float32 on CUDA
-    (the released code ran before TF32 existed: exact fp32), ``on`` = both may use TF32, ``default`` =
+    """Config key ``tf32``: ``never`` = float32 matmuls and convolutions computed in full float32 on CUDA
+    (the released code ran before TF32 existed: exact fp32), ``allow`` = both may use TF32, ``default`` =
     PyTorch's own settings (``TORCH_TF32``: cuDNN convolutions may use TF32, matmuls not). Sets the
     process-wide flags ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.backends.cudnn.allow_tf32`` and
     returns them ``{"matmul": .., "cudnn": ..}``."""
-    if mode == "off":
+    if mode == "never":
         flags = {"matmul": False, "cudnn": False}
-    elif mode == "on":
+    elif mode == "allow":
         flags = {"matmul": True, "cudnn": True}
     elif mode == "default":
         flags = dict(TORCH_TF32)
     else:
-        raise ValueError(f"tf32 must be default, off or on, got {mode!r}")
+        raise ValueError(f"tf32 must be default, never or allow, got {mode!r}")
     torch.backends.cuda.matmul.allow_tf32 = flags["matmul"]
     torch.backends.cudnn.allow_tf32 = flags["cudnn"]
     return flags

@@ -28,7 +28,7 @@ from test_pretrain import make_tiny_data, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
-RELEASED = {"amp": False, "tf32": "off", "pretrain.sampler": "released", "pretrain.bn_group": 32,
+RELEASED = {"amp": False, "tf32": "never", "pretrain.sampler": "released", "pretrain.bn_group": 32,
             "pretrain.source_checkpoint": "best_source", "pretrain.eval_every": 5, "cluster.kmeans_n_init": 3,
             "cluster.classifier_init": "centres", "finetune.sampler": "released", "finetune.bn_group": 32,
             "finetune.erasing": "released", "finetune.random_erasing": 0.5}
@@ -58,7 +58,7 @@ def test_switch_values_are_checked():
     with pytest.raises(ConfigError, match="cluster.classifier_init"):
         load_config("demo", ["cluster.classifier_init=centres", "cluster.method=dbscan"])
     for key, bad in (("finetune.sampler", "random"), ("pretrain.sampler", "pk"), ("finetune.erasing", "uniform"),
-                     ("tf32", "maybe"), ("pretrain.source_checkpoint", "best_target")):
+                     ("tf32", "maybe"), ("tf32", "off"), ("pretrain.source_checkpoint", "best_target")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("demo", [f"{key}={bad}"])
 
@@ -157,9 +157,9 @@ def test_pretrain_step_uses_bn_groups():
 def test_tf32_switch_sets_and_restores_the_flags():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
-        assert apply_tf32("off") == {"matmul": False, "cudnn": False}
+        assert apply_tf32("never") == {"matmul": False, "cudnn": False}
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        assert apply_tf32("on") == {"matmul": True, "cudnn": True}
+        assert apply_tf32("allow") == {"matmul": True, "cudnn": True}
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         apply_tf32("default")
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
@@ -167,7 +167,7 @@ def test_tf32_switch_sets_and_restores_the_flags():
         with pytest.raises(ValueError):
             apply_tf32("half")
         # a CPU policy leaves the process-wide flags alone
-        apply_tf32("on")
+        apply_tf32("allow")
         DevicePolicy.from_config(load_config("paper_duke2market", ["device=cpu"]))
         assert torch.backends.cudnn.allow_tf32
     finally:
