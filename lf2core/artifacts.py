@@ -188,7 +188,9 @@ class PseudoLabels:
     ``sets``: int64 [N] per label set (``global``, ``upper``, ``lower``; rows = target train split in
     manifest order) with the outlier policy applied (-1 = never sampled) and the global labels numbered
     0..G-1; ``centroids``: float32 [G, C], row k = the L2-normalised mean global fusion feature of global
-    class k. ``raw``: the file's bytes (a fingerprint of the labels; empty when not read from a file).
+    class k (``cluster.classifier_init = centres``: the k-means centre of cluster k, G = K, and classes
+    left empty by k-means keep their row and number). ``raw``: the file's bytes (a fingerprint of the
+    labels; empty when not read from a file).
     """
 
     sets: dict[str, np.ndarray]
@@ -232,7 +234,8 @@ def read_labels(location: str, num_samples: int, names: Iterable[str] = LABEL_SE
     c = arrays.get("centroids")
     if c is None:
         raise _missing(uri, "centroids", arrays)
-    if c.ndim != 2 or c.shape[0] != g or not np.issubdtype(c.dtype, np.floating):
+    # more rows than the largest label + 1: k-means centres of empty clusters (cluster.classifier_init=centres)
+    if c.ndim != 2 or c.shape[0] < g or not np.issubdtype(c.dtype, np.floating):
         raise DataError(f"{uri}: 'centroids' must be a float [{g}, C] matrix (one row per global class), "
                         f"got {c.dtype} {c.shape}")
     return PseudoLabels(sets, c.astype(np.float32), raw)

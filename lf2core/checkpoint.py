@@ -133,8 +133,15 @@ def rng_states() -> dict[str, Any]:
     return out
 
 
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what ``rng_states`` returned."""
+def cuda_device_count() -> int:
+    """CUDA devices present (0 without CUDA): how many saved CUDA RNG states can be restored."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def set_rng_states(states: Mapping[str, Any], device_count: Optional[int] = None) -> None:
+    """Restore what ``rng_states`` returned. CUDA states are restored by device index for the devices
+    present (``device_count``, default ``cuda_device_count()``); states of devices this host lacks (a state
+    saved on a host with more GPUs) are skipped with a warning, and devices beyond the saved ones keep theirs."""
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
     np.random.set_state(
@@ -142,8 +149,16 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     )
     p = states["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    saved = list(states.get("cuda") or [])
+    if saved:
+        present = cuda_device_count() if device_count is None else int(device_count)
+        for i, st in enumerate(saved[:present]):
+            torch.cuda.set_rng_state(st, i)
+        if len(saved) > present:
+            logging.getLogger(__name__).warning(
+                "training state: CUDA RNG states of %d device(s) saved, %d present here; restored %d, "
+                "skipped device(s) %s", len(saved), present, min(present, len(saved)),
+                ", ".join(str(i) for i in range(present, len(saved))))
 
 
 def save_state(

@@ -23,6 +23,7 @@ import yaml
 
 DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "folder", "synthetic")
 MODEL_ARCHS = ("resnet50", "resnet18", "resnet18_narrow")  # = lf2core.models.backbone.ARCHS (tested)
+SAMPLERS = ("balanced", "released")  # = lf2core.data.samplers.SAMPLERS (tested)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # also reachable as configs/ at the repo root
 
 
@@ -122,6 +123,10 @@ class PretrainConfig:
     triplet_margin: float = _f(0.0, ge=0)  # 0 -> soft-margin triplet (softplus)
     adapt_target_bn: bool = True  # forward a target batch each iteration (no loss) as the released code
     eval_every: int = _f(5, ge=0)  # epochs; evaluation on the SOURCE test split only (0 = never)
+    sampler: str = _f("balanced", choices=SAMPLERS)  # released: anchor + other-camera images, flat list cut
+    bn_group: int = _f(0, ge=0)  # BN statistics over groups of this many images (0 = whole batch; 32 = released)
+    # model.pt = the weights of the last epoch, or of the epoch with the best SOURCE test mAP (released)
+    source_checkpoint: str = _f("final", choices=("final", "best_source"))
 
 
 @dataclass
@@ -138,6 +143,9 @@ class ClusterConfig:
     kmeans_max_iter: int = _f(100, ge=1)
     kmeans_n_init: int = _f(1, ge=1)
     kmeans_init_size: int = _f(1500, ge=1)
+    # classifier initialisation written to labels.npz: class means of the final global labels (empty
+    # clusters dropped) or the k-means centres over all K clusters (released; kmeans only)
+    classifier_init: str = _f("class_means", choices=("class_means", "centres"))
 
 
 @dataclass
@@ -155,6 +163,9 @@ class FinetuneConfig:
     part_loss_weight: float = _f(0.5, ge=0)
     fusion_loss_weight: float = _f(0.0, ge=0)  # > 0: also train the fusion attention (not in the released code)
     random_erasing: float = _f(0.5, ge=0, le=1)  # probability
+    erasing: str = _f("torchvision", choices=("torchvision", "released"))  # aspect-ratio law, tries
+    sampler: str = _f("balanced", choices=SAMPLERS)  # released: anchor + other-camera images, flat list cut
+    bn_group: int = _f(0, ge=0)  # BN statistics over groups of this many images (0 = whole batch; 32 = released)
 
 
 @dataclass
@@ -178,6 +189,9 @@ class Config:
     seed: int = _f(1, ge=0)
     device: str = _f("auto", pattern=r"auto|cpu|cuda(:[0-9]+)?")  # cuda = cuda:0
     amp: bool = True  # autocast on CUDA only
+    # TF32 on CUDA (matmul + cuDNN): default = PyTorch's own settings, never = exact fp32 (released), allow
+    # (not on/off: YAML reads those as booleans)
+    tf32: str = _f("default", choices=("default", "never", "allow"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -287,6 +301,12 @@ def _validate(cfg: Config) -> None:
         if s.batch_size // s.num_instances < 2:
             raise ConfigError(f"config key '{sec}.batch_size': {s.batch_size} holds fewer than 2 identities of "
                               f"{sec}.num_instances={s.num_instances} images (the triplet loss needs negatives)")
+        if s.bn_group == 1:
+            raise ConfigError(f"config key '{sec}.bn_group': 1 (BatchNorm needs at least 2 images per group; "
+                              f"0 = the whole batch)")
+    if cfg.cluster.classifier_init == "centres" and cfg.cluster.method != "kmeans":
+        raise ConfigError(f"config key 'cluster.classifier_init': centres needs cluster.method=kmeans "
+                          f"(got {cfg.cluster.method}); use class_means")
     if cfg.data.height % (cfg.model.num_parts * 16):
         raise ConfigError(
             f"config key 'data.height': {cfg.data.height} must be a multiple of 16*model.num_parts "

@@ -32,10 +32,34 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ precision
+#: PyTorch's own TF32 settings when lf2 was imported (``tf32 = default`` restores them)
+TORCH_TF32 = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def apply_tf32(mode: str) -> dict[str, bool]:
+    """Config key ``tf32``: ``never`` = float32 matmuls and convolutions computed in full float32 on CUDA
+    (the released code ran before TF32 existed: exact fp32), ``allow`` = both may use TF32, ``default`` =
+    PyTorch's own settings (``TORCH_TF32``: cuDNN convolutions may use TF32, matmuls not). Sets the
+    process-wide flags ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.backends.cudnn.allow_tf32`` and
+    returns them ``{"matmul": .., "cudnn": ..}``."""
+    if mode == "never":
+        flags = {"matmul": False, "cudnn": False}
+    elif mode == "allow":
+        flags = {"matmul": True, "cudnn": True}
+    elif mode == "default":
+        flags = dict(TORCH_TF32)
+    else:
+        raise ValueError(f"tf32 must be default, never or allow, got {mode!r}")
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn"]
+    return flags
+
+
 class DevicePolicy:
     """Where a stage computes and in which precision: the one place that looks at the device type.
 
-    From ``cfg.device`` and ``cfg.amp``. On CPU everything runs in float32, contiguous. On CUDA:
+    From ``cfg.device``, ``cfg.amp`` and ``cfg.tf32``. On CPU everything runs in float32, contiguous. On
+    CUDA the TF32 flags are set from ``tf32`` (``apply_tf32``; None leaves them as they are), and:
     channels_last memory format for models and image batches, and with ``amp``:
 
     - ``autocast()``: float16 autocast (feature extraction, evaluation, source pretraining, whose loss is
@@ -44,15 +68,18 @@ class DevicePolicy:
       GPU supports it (no scaler), else float16 with a ``GradScaler``.
     """
 
-    def __init__(self, device: torch.device | str, amp: bool = True) -> None:
+    def __init__(self, device: torch.device | str, amp: bool = True, tf32: Optional[str] = None) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.amp = bool(amp) and self.cuda  # mixed precision only on CUDA
         self.channels_last = self.cuda
+        self.tf32 = tf32
+        if tf32 is not None and self.cuda:
+            apply_tf32(tf32)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DevicePolicy":
-        return cls(select_device(cfg.device), cfg.amp)
+        return cls(select_device(cfg.device), cfg.amp, getattr(cfg, "tf32", None))
 
     def model(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` on the device (channels_last on CUDA)."""

@@ -1,5 +1,6 @@
 """IdentityBatchSampler: P x K structure, maximal camera diversity (vs brute force), determinism,
-outliers never sampled, balanced identity coverage."""
+outliers never sampled, balanced identity coverage. ReleasedBatchSampler (the released code's sampling):
+anchor + other-camera companions, replacement rule, one-image identities, batches cut from the flat list."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lf2core.data.samplers import IdentityBatchSampler
+from lf2core.data.samplers import SAMPLERS, IdentityBatchSampler, ReleasedBatchSampler, batch_sampler
 from lf2core.errors import DataError
 
 
@@ -185,3 +186,88 @@ def test_train_and_test_loaders(tmp_path) -> None:
     assert [len(b[3]) for b in got] == [4, 4, 4, 3]
     assert torch.cat([b[3] for b in got]).tolist() == list(range(15))
     assert torch.cat([b[1] for b in got]).tolist() == [s.pid for s in samples]
+
+
+# ----------------------------------------------------------------------------------------- released
+def released_case() -> tuple[np.ndarray, np.ndarray]:
+    """Hand-built identities (K = 4), dataset order interleaved:
+    label 0: cameras 0,1,2,3 (3 other-camera images whatever the anchor: < K, drawn WITH replacement);
+    label 1: one image (emits the anchor alone);
+    label 2: three images, all camera 0 (no other camera: companions from its 2 other images);
+    label 3: cameras 0,0,1,1,1,1,1,1 (anchor on camera 0: 6 candidates >= K, no replacement);
+    label -1: two outliers (never sampled)."""
+    labels = [0, 1, 2, 3, 0, 2, 3, 0, 3, 2, 3, 0, 3, 3, 3, 3, -1, -1]
+    cams = [0, 5, 0, 0, 1, 0, 0, 2, 1, 0, 1, 3, 1, 1, 1, 1, 0, 1]
+    return np.asarray(labels), np.asarray(cams)
+
+
+def split_groups(flat: list[int], labels: np.ndarray) -> list[list[int]]:
+    """Cut a flat index list into runs of one label (the sampler's per-identity groups)."""
+    groups: list[list[int]] = []
+    for i in flat:
+        if groups and labels[groups[-1][0]] == labels[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def test_released_groups_anchor_plus_other_cameras() -> None:
+    labels, cams = released_case()
+    s = ReleasedBatchSampler(labels, cams, batch_size=8, num_instances=4, num_batches=1, seed=3)
+    assert s.pass_length == 1 + 3 * 4  # the one-image identity contributes one image
+    rng = np.random.default_rng(0)
+    dup = {0: 0, 1: 0, 2: 0, 3: 0}
+    for _ in range(300):
+        groups = split_groups(s.one_pass(rng), labels)
+        assert sorted(int(labels[g[0]]) for g in groups) == [0, 1, 2, 3]  # each identity once per pass
+        for g in groups:
+            ident, anchor, comp = int(labels[g[0]]), g[0], g[1:]
+            assert all(labels[i] == ident for i in g)
+            assert len(g) == (1 if ident == 1 else 4)
+            if ident in (0, 3):  # companions from the anchor's OTHER cameras
+                assert all(cams[i] != cams[anchor] for i in comp)
+            if ident == 2:  # a single camera: the other images, never the anchor itself
+                assert anchor not in comp
+            dup[ident] += len(set(comp)) < len(comp)
+            if ident == 3 and cams[anchor] == 0:
+                assert len(set(comp)) == 3  # 6 candidates >= K: without replacement
+    # 3 candidates < K: with replacement (P(no repeat in 3 draws from 3) = 2/9 per pass)
+    assert dup[0] > 100 and dup[2] > 100
+
+
+def test_released_batches_are_the_flat_list_cut_in_order() -> None:
+    """Batches = consecutive slices of each pass's flat list; the tail of a pass (13 % 8 = 5 images) is
+    dropped and the next pass starts a new batch; nothing is P x K aligned."""
+    labels, cams = released_case()
+    s = ReleasedBatchSampler(labels, cams, batch_size=8, num_instances=4, num_batches=3, seed=7)
+    s.set_epoch(2)
+    got = list(s)
+    rng = np.random.default_rng([7, 2])
+    p1, p2 = s.one_pass(rng), s.one_pass(rng)
+    assert got == [p1[:8], p2[:8], s.one_pass(rng)[:8]]
+    assert s.epoch == 3 and list(s) != got  # the next epoch differs
+    s.set_epoch(2)
+    assert list(s) == got  # a function of (seed, epoch)
+    assert all(labels[i] >= 0 for b in got for i in b)
+
+
+def test_released_sampler_bad_cases() -> None:
+    labels, cams = released_case()
+    with pytest.raises(DataError, match="fewer than batch_size"):
+        ReleasedBatchSampler(labels, cams, batch_size=14, num_instances=4, num_batches=1)  # a pass has 13
+    with pytest.raises(DataError):
+        ReleasedBatchSampler([0, 0, -1], [0, 1, 0], 2, 2, 1)  # one identity
+    with pytest.raises(DataError):
+        ReleasedBatchSampler([0, 1], [0], 2, 2, 1)
+    one = ReleasedBatchSampler(labels, cams, batch_size=4, num_instances=1, num_batches=2)
+    assert all(len(set(labels[b])) == 4 for b in one)  # K = 1: anchors only
+
+
+def test_batch_sampler_choice() -> None:
+    labels, cams = released_case()
+    assert SAMPLERS == ("balanced", "released")
+    assert isinstance(batch_sampler("balanced", labels, cams, 8, 4, 2), IdentityBatchSampler)
+    assert isinstance(batch_sampler("released", labels, cams, 8, 4, 2), ReleasedBatchSampler)
+    with pytest.raises(ValueError):
+        batch_sampler("random", labels, cams, 8, 4, 2)

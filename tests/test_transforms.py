@@ -96,3 +96,85 @@ def test_no_erasing_by_default_and_bad_probability() -> None:
     assert names[-1] == "RandomErasing"
     with pytest.raises(ValueError):
         T.train_transform(H, W, 1.5)
+
+
+# ----------------------------------------------------------------------------------------- released erasing
+class _Draws:
+    """Stand-in for torch.rand / torch.randint returning scripted values (and counting the calls)."""
+
+    def __init__(self, rand: list[float], randint: list[int]) -> None:
+        self.rand, self.randint, self.calls = list(rand), list(randint), 0
+
+    def next_rand(self, *a, **k):
+        self.calls += 1
+        return torch.tensor(self.rand.pop(0) if self.rand else 0.99)
+
+    def next_randint(self, low, high, *a, **k):
+        v = self.randint.pop(0)
+        assert low <= v < high
+        return torch.tensor(v)
+
+
+def test_released_erasing_region_by_hand(monkeypatch) -> None:
+    """H x W = 256 x 128 (area 32768). Try 1: s = 0.02 + 0.38 * 0.5 = 0.21, r = 0.3 ->
+    h = round(sqrt(0.21 * 32768 * 0.3)) = round(45.43) = 45, w = round(sqrt(0.21 * 32768 / 0.3)) =
+    round(151.45) = 151 >= 128: rejected. Try 2: same s, r = 0.3 + (1/0.3 - 0.3) * 1.0 = 3.333 ->
+    h = 151 < 256, w = 45 < 128: accepted at i = 7 (of 0..105), j = 80 (of 0..83)."""
+    d = _Draws([0.5, 0.0, 0.5, 1.0], [7, 80])
+    monkeypatch.setattr(torch, "rand", d.next_rand)
+    monkeypatch.setattr(torch, "randint", d.next_randint)
+    assert T.ReleasedErasing().region(256, 128) == (7, 80, 151, 45)
+    # p draw, then the region: the image gets the mean values in rows 7..157, columns 80..124
+    d2 = _Draws([0.2, 0.5, 0.0, 0.5, 1.0], [7, 80])
+    monkeypatch.setattr(torch, "rand", d2.next_rand)
+    monkeypatch.setattr(torch, "randint", d2.next_randint)
+    out = T.ReleasedErasing(p=0.5)(torch.ones(3, 256, 128))
+    box = torch.zeros(256, 128, dtype=torch.bool)
+    box[7:158, 80:125] = True
+    for c in range(3):
+        assert torch.all(out[c][box] == torch.tensor(T.IMAGENET_MEAN[c])) and torch.all(out[c][~box] == 1)
+
+
+def test_released_erasing_gives_up_after_100_tries_and_respects_p(monkeypatch) -> None:
+    # every try: s = 0.4 * ~1 and r = 0.3 -> w = round(sqrt(0.4 * 32 * 16 / 0.3)) = 26 >= 16: never fits
+    d = _Draws([0.0] + [0.999, 0.0] * 100, [])
+    monkeypatch.setattr(torch, "rand", d.next_rand)
+    x = torch.ones(3, 32, 16)
+    assert torch.equal(T.ReleasedErasing(p=0.5)(x), x)
+    assert d.calls == 1 + 2 * 100
+    d = _Draws([0.5], [])  # p draw 0.5 >= p 0.5: no erasing, nothing else drawn
+    monkeypatch.setattr(torch, "rand", d.next_rand)
+    assert torch.equal(T.ReleasedErasing(p=0.5)(x), x) and d.calls == 1
+
+
+def _tall_share(erase, n: int = 1500) -> float:
+    torch.manual_seed(0)
+    tall = done = 0
+    for _ in range(n):
+        m = erase(torch.ones(3, 256, 128))[0] != 1
+        if m.any():
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            done += 1
+            tall += int(ys.max() - ys.min()) > int(xs.max() - xs.min())
+    return tall / done
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny tensor ops, one thread is faster
+def test_released_erasing_is_taller_than_torchvision() -> None:
+    """The issue's measurement on 256 x 128: ~81 % of the released regions are tall vs ~59 % with
+    torchvision's log-uniform ratio."""
+    released = _tall_share(T.ReleasedErasing(p=1.0))
+    tv = _tall_share(T.train_transform(256, 128, random_erasing=1.0).transforms[-1])
+    assert 0.76 < released < 0.86 and 0.53 < tv < 0.65
+
+
+def test_train_transform_erasing_switch() -> None:
+    assert type(T.train_transform(H, W, 0.5, erasing="released").transforms[-1]).__name__ == "ReleasedErasing"
+    assert type(T.train_transform(H, W, 0.5, erasing="torchvision").transforms[-1]).__name__ == "RandomErasing"
+    assert "ReleasedErasing" not in [type(t).__name__ for t in T.train_transform(H, W, 0.0, "released").transforms]
+    with pytest.raises(ValueError):
+        T.train_transform(H, W, 0.5, erasing="uniform")
+    img = source_image(3)
+    torch.manual_seed(4)
+    x = T.train_transform(H, W, random_erasing=1.0, erasing="released")(img)
+    assert x.shape == (3, H, W) and np.all(np.abs(x.numpy() - MEAN) < 1e-7, axis=0).any()

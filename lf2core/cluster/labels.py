@@ -90,11 +90,13 @@ def kmeans_labels(
     max_iter: int = 100,
     n_init: int = 1,
     init_size: Optional[int] = None,
-) -> np.ndarray:
+    return_centres: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """MiniBatchKMeans labels as the paper (K given, n_init explicit, seeded). ``[N, d]`` -> ``[N]`` int64.
 
     ``init_size`` None -> sklearn's default (3 * batch_size); it is raised to ``num_clusters`` when
-    smaller (sklearn would silently use 3 * K) and capped at N.
+    smaller (sklearn would silently use 3 * K) and capped at N. ``return_centres``: also return the
+    fitted centres (float32 [K, d], empty clusters included).
     """
     from sklearn.cluster import MiniBatchKMeans
 
@@ -117,7 +119,8 @@ def kmeans_labels(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return km.fit_predict(x).astype(np.int64)
+        labels = km.fit_predict(x).astype(np.int64)
+    return (labels, km.cluster_centers_.astype(np.float32)) if return_centres else labels
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -138,7 +141,8 @@ def pseudo_labels(
     knn_backend: str = "auto",
     progress: bool = False,
     timings: Optional[dict] = None,
-) -> np.ndarray:
+    return_centres: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Pseudo labels of the rows of ``features`` ``[N, d]`` -> ``[N]`` int64 (-1 = DBSCAN outlier).
 
     ``method="dbscan"``: DBSCAN(eps, min_samples) on :func:`jaccard_distance` (k1, k2), sparse.
@@ -146,7 +150,7 @@ def pseudo_labels(
     (``kmeans_*``: batch size, max iterations, n_init, init_size), seeded with ``seed``; no outliers.
     Outliers are kept as -1: see :func:`apply_outlier_policy`.
     ``timings``: if a dict is given (DBSCAN only), the wall times of :func:`jaccard_distance` and
-    ``dbscan_s`` are stored in it.
+    ``dbscan_s`` are stored in it. ``return_centres`` (kmeans only): return ``(labels, centres [K, d])``.
     """
     if method == "dbscan":
         if not 0.0 < eps:
@@ -162,7 +166,7 @@ def pseudo_labels(
     if method == "kmeans":
         return kmeans_labels(
             normalize_rows(features), num_clusters, seed=seed, batch_size=kmeans_batch_size,  # type: ignore[arg-type]
-            max_iter=kmeans_max_iter, n_init=kmeans_n_init, init_size=kmeans_init_size,
+            max_iter=kmeans_max_iter, n_init=kmeans_n_init, init_size=kmeans_init_size, return_centres=return_centres,
         )
     raise ValueError(f"pseudo_labels: unknown method {method!r} (expected 'dbscan' or 'kmeans')")
 

@@ -14,8 +14,12 @@
 - ``out/labels.npz`` (``lf2core.artifacts.PseudoLabels``): the TRAINING labels, int64 vectors with the same
   names -- ``lf2core.cluster.training_labels``: the outlier policy ``cfg.cluster.outliers`` applied
   (``drop``: -1 kept, never sampled; ``singleton``: a class each), the global labels numbered 0..G-1 -- and
-  float32 ``centroids`` [G, C], the L2-normalised mean ``global`` feature of each global class (the
-  classifier initialisation of the round, ``lf2core.cluster.class_centroids``).
+  float32 ``centroids`` [G, C], the classifier initialisation of the round, by ``cfg.cluster.classifier_init``:
+  ``class_means`` (default): the L2-normalised mean ``global`` feature of each global class
+  (``lf2core.cluster.class_centroids``; empty k-means clusters are dropped and the labels renumbered);
+  ``centres`` (released; kmeans only): the L2-normalised k-means centres of the ``global`` set over all K
+  clusters, empty ones included, and the ``global`` labels kept as k-means numbered them (G = K; rows
+  past the largest label are empty clusters).
 - ``out/stats.json``: ``{"round": r, "method": ..., "global": stats, "upper": ..., "lower": ...}`` with
   ``lf2core.cluster.cluster_stats`` (NMI/ARI/pairwise P-R when all ``pids >= 0``, ``nmi_camera`` when all
   ``camids >= 0``) of the clustering itself (before the outlier policy) plus the wall time of each set.
@@ -65,6 +69,10 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
         log.warning("cluster.method=ground_truth: labels are the target TRAIN identities (a diagnostic upper "
                     "bound of the fine-tuning recipe, not domain adaptation)")
     labels: dict[str, np.ndarray] = {}
+    centres = None
+    use_centres = c.classifier_init == "centres"
+    if use_centres and c.method != "kmeans":
+        raise DataError(f"config key 'cluster.classifier_init': centres needs cluster.method=kmeans, got {c.method}")
     stats: dict[str, Any] = {"round": int(round_index), "method": c.method}
     for name, x in feats.items():
         t0 = time.perf_counter()
@@ -75,9 +83,12 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
                 num_clusters=c.num_clusters if c.method == "kmeans" else None, seed=cfg.seed + int(round_index),
                 kmeans_batch_size=c.kmeans_batch_size, kmeans_max_iter=c.kmeans_max_iter,
                 kmeans_n_init=c.kmeans_n_init, kmeans_init_size=init,
+                **({"return_centres": True} if use_centres and name == "global" else {}),
             )
         except ValueError as e:
             raise DataError(f"{where}: cannot cluster '{name}': {e}") from None
+        if isinstance(lab, tuple):
+            lab, centres = lab
         labels[name] = lab.astype(np.int64)
         s = cluster_stats(lab, true_ids=true_ids, camids=cams)
         s["seconds"] = round(time.perf_counter() - t0, 3)
@@ -86,7 +97,11 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
                  100 * s["outlier_ratio"], s["seconds"])
 
     sets, num_classes = training_labels(labels, c.outliers)
-    centroids = class_centroids(feats["global"], sets["global"], num_classes)
+    if centres is not None:  # released: all K centres, labels as k-means numbered them
+        sets["global"] = labels["global"].copy()
+        centroids = _normalised(centres)
+    else:
+        centroids = class_centroids(feats["global"], sets["global"], num_classes)
     with storage.output_dir(out, CLUSTER) as tmp:
         artifacts.write_labels(tmp, artifacts.PseudoLabels(sets, centroids))
         artifacts.write_cluster_stats(tmp, stats)
@@ -98,6 +113,13 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 metrics[f"{name}/{key}"] = val
     return metrics
+
+
+def _normalised(rows: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised (float32; a zero row stays zero)."""
+    r = np.asarray(rows, dtype=np.float64)
+    n = np.linalg.norm(r, axis=1, keepdims=True)
+    return (r / np.maximum(n, 1e-12)).astype(np.float32)
 
 
 def _ground_truth(true_ids: Any) -> np.ndarray:

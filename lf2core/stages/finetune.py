@@ -13,10 +13,12 @@
 The round (``lf2core.training`` has the step and its definition):
 
 1. classifier of student and teacher := the L2-normalised ``centroids`` of labels.npz (the mean global
-   FUSION feature of each global cluster, computed by the cluster stage from the extracted features);
+   FUSION feature of each global cluster, or the k-means centres with ``cluster.classifier_init =
+   centres``, computed by the cluster stage);
 2. ``epochs_per_round`` epochs of ``iters_per_epoch`` iterations; every epoch a fresh Adam and three
-   identity-balanced loaders (global, upper, lower labels; ``mt_global``: global only) with random erasing
-   ``finetune.random_erasing``; EMA teacher update every step with the global step counted across rounds.
+   loaders (global, upper, lower labels; ``mt_global``: global only; ``finetune.sampler``) with random
+   erasing ``finetune.random_erasing`` (``finetune.erasing``); EMA teacher update every step with the global
+   step counted across rounds.
 
 Resume: the full training state (student, teacher, Fuse, Adam, running loss sums, RNG) is written to
 ``<work>/state.pt`` after every epoch and every ``checkpoint_every`` iterations, ``<work>`` =

@@ -8,10 +8,14 @@ feature before the BN neck; Adam (``lr``, ``weight_decay``); per-epoch WarmupMul
 ``adapt_target_bn`` every iteration also forwards a random target-train batch in train mode (no grad, no
 loss) so the BN running statistics see the target domain.
 
-Evaluation: source query/gallery every ``eval_every`` epochs (and after the last) -- logged only, no
-model selection: ``model.pt`` holds the final weights. After training the final model is also evaluated
-on the target query/gallery once, for the report (``target_*`` metrics = the source-only baseline); it
-never influences training.
+Evaluation: source query/gallery every ``eval_every`` epochs (and after the last). ``source_checkpoint``:
+``final`` (default) -- logged only, no model selection: ``model.pt`` holds the final weights;
+``best_source`` (released) -- ``model.pt`` holds the weights of the evaluated epoch with the highest SOURCE
+test mAP (source labels: a legitimate selection; metrics ``selected_epoch``, ``selected_source_mAP``).
+After training the model handed on (``model.pt``) is also evaluated on the target query/gallery once, for
+the report (``target_*`` metrics = the source-only baseline); it never influences training or selection.
+``pretrain.sampler`` picks the source batches (``balanced`` P x K or ``released``) and ``pretrain.bn_group``
+the BatchNorm groups (``nn.DataParallel`` of the released code).
 
 Resume: after every epoch the full training state (model, optimiser, scheduler, AMP scaler, metrics
 history, RNG states) is written to ``<work>/state.pt`` with ``<work>`` = ``$LF2_WORK_DIR`` or
@@ -90,6 +94,15 @@ def pretrain_source(cfg: Config, data: str, out: str) -> dict[str, Any]:
                              "train_seconds": time.time() - t0}
     if trainer.history:
         final.update({k: v for k, v in trainer.history[-1].items() if k != "epoch"})
+    state_dict, sel_epoch, sel_map = trainer.selected_state()
+    if p.source_checkpoint == "best_source":
+        final["selected_epoch"] = sel_epoch
+        if sel_map is not None:
+            final["selected_source_mAP"] = sel_map
+        if sel_epoch != p.epochs:
+            trainer.model.load_state_dict(state_dict)  # the target baseline below is of the model handed on
+        log.info("pretrain.source_checkpoint=best_source: epoch %d (source mAP %s) is passed on", sel_epoch,
+                 "n/a" if sel_map is None else f"{sel_map:.1%}")
     tq, tg = src.target_test
     if tq and tg:  # report only: the source-only baseline on the target (no selection on it)
         r = evaluate(trainer.model, cfg, tq, tg, policy, "eval target")
@@ -97,7 +110,6 @@ def pretrain_source(cfg: Config, data: str, out: str) -> dict[str, Any]:
         log.info("source model on the target test split (report only): mAP %.1f%% R1 %.1f%%",
                  100 * r["mAP"], 100 * r["R1"])
     with storage.output_dir(out, PRETRAIN) as tmp:
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
         artifacts.write_source_model(tmp, state_dict, cfg, extra={
             "arch": cfg.model.arch, "num_classes": src.num_classes, "epochs": p.epochs,
             "metrics": {k: float(v) for k, v in final.items()}})

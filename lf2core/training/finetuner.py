@@ -159,7 +159,7 @@ def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, sta
 
     f = cfg.finetune
     E, iters = f.epochs_per_round, f.iters_per_epoch
-    tf = train_transform(cfg.data.height, cfg.data.width, random_erasing=f.random_erasing)
+    tf = train_transform(cfg.data.height, cfg.data.width, random_erasing=f.random_erasing, erasing=f.erasing)
     tail = None
     if ft.fast and teacher_tail_only and settings.fusion_loss_weight == 0:
         tail = teacher_tail(ft.mt, len(rnd.label_sets))
@@ -174,7 +174,7 @@ def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, sta
         optimizer = start.optimizer if resumed_mid else ft.new_optimizer()
         first = start.iteration if epoch == start.epoch else 0
         loaders = round_loaders(rnd.samples, rnd.label_sets, tf, f.batch_size, f.num_instances, iters, cfg.seed,
-                                rnd.index, epoch, start=first, num_workers=cfg.data.num_workers)
+                                rnd.index, epoch, start=first, num_workers=cfg.data.num_workers, sampler=f.sampler)
         bar = progress(total=iters, initial=first, desc=f"finetune r{rnd.index} e{epoch + 1}/{E}")
         t0 = time.time()
         metrics = ft.run_epoch(

@@ -63,25 +63,28 @@ def round_loaders(
     epoch: int,
     start: int = 0,
     num_workers: int = 0,
+    sampler: str = "balanced",
 ) -> list[DataLoader]:
-    """One identity-balanced loader per label set for ``epoch`` of ``round_index``, from batch ``start``.
+    """One loader per label set for ``epoch`` of ``round_index``, from batch ``start``: identity-balanced
+    P x K batches (``sampler="balanced"``) or the released code's sampling (``"released"``,
+    ``lf2core.data.samplers.ReleasedBatchSampler``).
 
     The batches (identities, images, augmentation) are a function of (seed, round, epoch, label set,
     batch number) only.
     """
     from ..data.loaders import ImageDataset
-    from ..data.samplers import IdentityBatchSampler
+    from ..data.samplers import batch_sampler
 
     camids = np.fromiter((s.camid for s in samples), dtype=np.int64, count=len(samples))
     loaders = []
     for k, labels in enumerate(label_sets):
         sampler_seed = int(np.random.SeedSequence(_seed_words(seed, round_index, k, 17)).generate_state(1)[0])
-        base = IdentityBatchSampler(labels, camids, batch_size, num_instances, iters_per_epoch, sampler_seed)
+        base = batch_sampler(sampler, labels, camids, batch_size, num_instances, iters_per_epoch, sampler_seed)
         base.set_epoch(epoch)
-        sampler = SeededBatchSampler(base, (seed, round_index, epoch, k, 29), start)
+        seeded = SeededBatchSampler(base, (seed, round_index, epoch, k, 29), start)
         ds = SeededDataset(ImageDataset(samples, transform, labels))
         loaders.append(
-            DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+            DataLoader(ds, batch_sampler=seeded, num_workers=num_workers, pin_memory=torch.cuda.is_available())
         )
     return loaders
 

@@ -19,6 +19,7 @@ from ..features import evaluate_samples, progress_enabled
 from ..losses import CrossEntropyLabelSmooth, triplet_loss
 from ..models import SourceModel
 from ..runtime import DevicePolicy, seed_everything
+from .step import bn_groups
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,25 @@ def build(cfg: Any, num_classes: int, policy: DevicePolicy) -> tuple[SourceModel
 
 
 def source_loader(cfg: Any, samples: list, labels: np.ndarray, epoch: int) -> DataLoader:
-    from ..data.loaders import train_loader
+    """The source batches of ``epoch``: ``pretrain.sampler`` balanced (``data.loaders.train_loader``) or
+    released (``data.samplers.ReleasedBatchSampler``, the same loader otherwise)."""
+    from ..data.loaders import ImageDataset, train_loader
+    from ..data.samplers import ReleasedBatchSampler
     from ..data.transforms import train_transform
 
     p = cfg.pretrain
-    loader = train_loader(
-        samples, labels, train_transform(cfg.data.height, cfg.data.width, random_erasing=0.0),
-        p.batch_size, p.num_instances, p.iters_per_epoch, seed=cfg.seed, num_workers=cfg.data.num_workers,
-    )
+    tf = train_transform(cfg.data.height, cfg.data.width, random_erasing=0.0)
+    if p.sampler == "released":
+        camids = np.fromiter((s.camid for s in samples), dtype=np.int64, count=len(samples))
+        sampler = ReleasedBatchSampler(labels, camids, p.batch_size, p.num_instances, p.iters_per_epoch, cfg.seed)
+        gen = torch.Generator()
+        gen.manual_seed(int(cfg.seed))
+        nw = cfg.data.num_workers
+        loader = DataLoader(ImageDataset(samples, tf, labels), batch_sampler=sampler, generator=gen, num_workers=nw,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0)
+    else:
+        loader = train_loader(samples, labels, tf, p.batch_size, p.num_instances, p.iters_per_epoch, seed=cfg.seed,
+                              num_workers=cfg.data.num_workers)
     loader.batch_sampler.set_epoch(epoch)
     loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # worker seeds (num_workers > 0)
     return loader
@@ -110,6 +122,9 @@ class Pretrainer:
     policy: DevicePolicy
     model: SourceModel = field(init=False)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: ``pretrain.source_checkpoint = best_source``: {"epoch", "mAP", "state_dict" (CPU)} of the evaluated
+    #: epoch with the highest SOURCE test mAP so far (the first one on ties), else None
+    best: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         p = self.cfg.pretrain
@@ -127,6 +142,7 @@ class Pretrainer:
             self.model, self.optimizer, self.scheduler = build(self.cfg, self.data.num_classes, self.policy)
             return 0
         self.history = list(info["extra"].get("history", []))
+        self.best = info["extra"].get("best_source") or None
         if info["extra"].get("scaler"):
             self.scaler.load_state_dict(info["extra"]["scaler"])
         return info["epoch"]
@@ -134,16 +150,16 @@ class Pretrainer:
     def step(self, x: torch.Tensor, y: torch.Tensor, target: Optional[Iterator]) -> dict[str, float]:
         """One iteration: CE + triplet on a source batch (+ a no-grad, no-loss forward of the next batch of
         ``target``), Adam step."""
-        pol = self.policy
+        pol, group = self.policy, self.cfg.pretrain.bn_group
         x, y = pol.batch(x), y.to(pol.device, non_blocking=True)
-        with pol.autocast():
+        with pol.autocast(), bn_groups([self.model], int(x.shape[0]), group):
             feat, logits = self.model(x)
         loss_ce = self.ce(logits.float(), y)
         loss_tri = self.tri(feat.float(), y)
         loss = loss_ce + loss_tri
         if target is not None:  # BN statistics see the target domain (no grad, no loss)
             xt = pol.batch(next(target)[0])
-            with torch.no_grad(), pol.autocast():
+            with torch.no_grad(), pol.autocast(), bn_groups([self.model], int(xt.shape[0]), group):
                 self.model(xt)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -192,6 +208,8 @@ class Pretrainer:
             if q and g and ((p.eval_every > 0 and (epoch + 1) % p.eval_every == 0) or epoch + 1 == p.epochs):
                 r = evaluate(self.model, self.cfg, q, g, self.policy, "eval source")
                 metrics.update({f"source_{k}": v for k, v in r.items()})
+                if p.source_checkpoint == "best_source":
+                    self.consider_best(epoch + 1, float(r["mAP"]))
             self.history.append({"epoch": epoch + 1, **metrics})
             log.info(
                 "epoch %d/%d loss %.3f (ce %.3f tri %.3f) acc %.3f lr %.2e%s", epoch + 1, p.epochs, metrics["loss"],
@@ -200,4 +218,27 @@ class Pretrainer:
                 if "source_mAP" in metrics else "",
             )
             state.save(self.model, self.optimizer, self.scheduler, epoch + 1, history=self.history,
-                       scaler=self.scaler.state_dict() if self.policy.amp else {})
+                       scaler=self.scaler.state_dict() if self.policy.amp else {}, best_source=self.best or {})
+
+    def consider_best(self, epoch: int, source_map: float) -> bool:
+        """Keep the current weights as ``best`` when ``source_map`` beats the best so far (strictly, as the
+        released code: an equal mAP keeps the earlier epoch). Returns whether they were kept."""
+        if self.best is not None and not source_map > self.best["mAP"]:
+            return False
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
+        self.best = {"epoch": int(epoch), "mAP": float(source_map), "state_dict": state}
+        return True
+
+    def selected_state(self) -> tuple[dict[str, torch.Tensor], int, Optional[float]]:
+        """The weights handed to stage 2 by ``pretrain.source_checkpoint``: (state dict on the CPU, its
+        epoch, its source mAP or None). ``best_source`` without any source evaluation falls back to the
+        final weights (logged)."""
+        p = self.cfg.pretrain
+        if p.source_checkpoint == "best_source":
+            if self.best is not None:
+                return dict(self.best["state_dict"]), int(self.best["epoch"]), float(self.best["mAP"])
+            log.warning("pretrain.source_checkpoint=best_source: no source evaluation ran (empty source test "
+                        "split?); passing the final weights")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        last = self.history[-1] if self.history else {}
+        return state, int(last.get("epoch", p.epochs)), last.get("source_mAP")

@@ -57,6 +57,7 @@ class StepSettings:
     fusion_loss_weight: float = 0.0
     label_smoothing: float = 0.1
     ema_alpha: float = 0.999
+    bn_group: int = 0  # student/teacher BatchNorm over groups of this many images of a batch (0 = whole batch)
 
     @classmethod
     def from_config(cls, finetune_cfg: Any) -> "StepSettings":
@@ -67,6 +68,7 @@ class StepSettings:
             fusion_loss_weight=float(finetune_cfg.fusion_loss_weight),
             label_smoothing=float(finetune_cfg.label_smoothing),
             ema_alpha=float(finetune_cfg.ema_alpha),
+            bn_group=int(getattr(finetune_cfg, "bn_group", 0)),
         )
 
     def num_batches(self, num_parts: int) -> int:
@@ -92,9 +94,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (images [B,3,H,W] float, labels [B]
 
 # ------------------------------------------------------------------------------------------ ghost batch norm
 def _ghost_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm over ``x`` [sum(sizes), C, ...] as separate train-mode calls on each sub-batch."""
-    sizes = self._lf2_ghost_sizes
-    if not (self.training and self.track_running_stats) or x.shape[0] != sum(sizes) or len(sizes) == 1:
+    """BatchNorm over ``x`` [sum(sizes), C, ...] as separate train-mode calls on each sub-batch (and, with a
+    group size, on each group of a sub-batch; see ``ghost_batchnorm``)."""
+    sizes, group = self._lf2_ghost_sizes, self._lf2_ghost_group
+    if not (self.training and self.track_running_stats) or x.shape[0] != sum(sizes):
+        return self._lf2_plain_forward(x)
+    if len(sizes) == 1 and not (0 < group < sizes[0]):
         return self._lf2_plain_forward(x)
     self._check_input_dim(x)
     outs = []
@@ -103,20 +108,32 @@ def _ghost_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
         # sub-batch statistics and move the running statistics by one momentum step
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        outs.append(
-            F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
-        )
+        if 0 < group < chunk.shape[0]:
+            # nn.DataParallel: every replica normalises its own slice; only the first replica's running
+            # statistics survive (the other replicas update copies that are thrown away)
+            parts = torch.split(chunk, group, dim=0)
+            outs.append(F.batch_norm(parts[0], self.running_mean, self.running_var, self.weight, self.bias, True,
+                                     factor, self.eps))
+            outs += [F.batch_norm(q, None, None, self.weight, self.bias, True, 0.0, self.eps) for q in parts[1:]]
+        else:
+            outs.append(F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                     factor, self.eps))
     return torch.cat(outs, dim=0)
 
 
 @contextlib.contextmanager
-def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int]) -> Iterator[None]:
+def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: int = 0) -> Iterator[None]:
     """Within the block, every train-mode BatchNorm layer of ``modules`` that receives a batch of
     ``sum(sizes)`` rows treats it as ``len(sizes)`` independent sub-batches (``torch.split`` sizes): the
     output of each sub-batch is normalised with its own batch statistics and the running statistics are
     updated once per sub-batch, in order -- the same outputs and buffers as separate forwards of the
     sub-batches. Inputs of another batch size, eval-mode layers and layers without running statistics are
     left to the normal forward.
+
+    ``group`` > 0 (and smaller than a sub-batch): each sub-batch is further cut into consecutive groups of
+    ``group`` rows (the last may be smaller), each normalised with its own statistics, and the running
+    statistics (and the counter, once) are updated from the FIRST group only -- what ``nn.DataParallel``
+    over ``sub-batch / group`` GPUs does (the released code: 2 GPUs, groups of 32 of a 64 batch).
     """
     sizes = [int(s) for s in sizes]
     patched: list[nn.Module] = []
@@ -125,6 +142,7 @@ def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int]) -> Itera
             for m in root.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not hasattr(m, "_lf2_ghost_sizes"):
                     m._lf2_ghost_sizes = sizes
+                    m._lf2_ghost_group = int(group)
                     m._lf2_plain_forward = m.forward
                     m.forward = types.MethodType(_ghost_bn_forward, m)
                     patched.append(m)
@@ -134,6 +152,15 @@ def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int]) -> Itera
             del m.forward
             del m._lf2_plain_forward
             del m._lf2_ghost_sizes
+            del m._lf2_ghost_group
+
+
+def bn_groups(modules: Sequence[nn.Module], batch_size: int, group: int) -> contextlib.AbstractContextManager:
+    """BatchNorm of ``modules`` over groups of ``group`` rows of a ``batch_size`` batch, running statistics
+    from the first group (``ghost_batchnorm`` with one sub-batch); a no-op for ``group`` 0 or >= the batch."""
+    if 0 < group < batch_size:
+        return ghost_batchnorm(modules, [batch_size], group)
+    return contextlib.nullcontext()
 
 
 def _split_output(out: LF2Output, sizes: Sequence[int]) -> list[LF2Output]:
@@ -226,8 +253,9 @@ def reference_step(
     mt.train()
     student_out, fusion = [], []
     for x, _ in batches:
-        s = mt.student(x)
-        t = mt.teacher(x)
+        with bn_groups([mt.student, mt.teacher], int(x.shape[0]), settings.bn_group):
+            s = mt.student(x)
+            t = mt.teacher(x)
         fusion.append(mt.fuse(t.feature_map, s.part_attention))
         student_out.append(s)
     loss, terms = lf2_loss(student_out, fusion, [y for _, y in batches], crit, settings)
@@ -266,7 +294,14 @@ def fast_step(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes), amp:
+    # the released code wraps student and teacher in nn.DataParallel, not the Fuse: only they get bn_group
+    if settings.bn_group > 0:
+        bns: contextlib.AbstractContextManager = contextlib.ExitStack()
+        bns.enter_context(ghost_batchnorm([mt.student, mt.teacher], sizes, settings.bn_group))
+        bns.enter_context(ghost_batchnorm([mt.fuse], sizes))
+    else:
+        bns = ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes)
+    with bns, amp:
         run_teacher = teacher_pass or need_fusion_grad
         s = mt.student.features(x, attention=run_teacher)  # the attention feeds only the Fuse
         if run_teacher:
