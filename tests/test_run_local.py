@@ -123,6 +123,11 @@ def test_run_local_outputs_and_resume(tiny, tmp_path, monkeypatch):
     assert "eval" in r0 and r0["finetune"]["global_step"] == 2
     assert summary["rounds"][1]["finetune"]["global_step"] == 4
     assert summary["rounds"][1]["eval"] == summary["metrics"]
+    # the released code's kind of figure: best round on the target test split, labelled as such
+    pc = summary["paper_comparable"]
+    best = max(summary["rounds"], key=lambda r: r["eval"]["mAP"])
+    assert pc["round"] == best["round"] and pc["mAP"] == best["eval"]["mAP"] >= summary["metrics"]["mAP"]
+    assert "TARGET TEST" in pc["selection"] and "never used for promotion" in pc["selection"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["metrics"] == summary["metrics"]
     # the losses, the clustering quality and the per-round and final evaluations are all in the summary
