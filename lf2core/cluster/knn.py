@@ -127,6 +127,47 @@ def _finish_rows(v: np.ndarray, i: np.ndarray, k: int, x: np.ndarray, a: int) ->
     return v, i
 
 
+def _merge(run_v, run_i, j0: int, v, i, kq: int) -> None:
+    """Rows ``j0..`` of the running top-``kq`` lists ``run_v`` / ``run_i`` := the top ``kq`` of themselves and
+    the candidates ``v`` / ``i`` (``[rows, c]``, -inf padded), in slices of ``MERGE_ROWS`` rows."""
+    import torch
+
+    for m in range(0, v.shape[0], MERGE_ROWS):
+        a, b = j0 + m, j0 + min(v.shape[0], m + MERGE_ROWS)
+        mv, pos = torch.topk(torch.cat([run_v[a:b], v[m : m + b - a]], 1), kq, dim=1, sorted=False)
+        run_i[a:b] = torch.gather(torch.cat([run_i[a:b], i[m : m + b - a]], 1), 1, pos)
+        run_v[a:b] = mv
+
+
+def _merge_above(run_v, run_i, j0: int, block, r0: int, kq: int) -> None:
+    """Columns ``j0 + c`` of ``block`` ``[rows, N - j0]`` (products of rows ``r0..`` with them) into the running
+    lists: only entries strictly above a column's current ``kq``-th best value can be among its final top
+    ``kq`` (an entry equal to it leaves that value's multiplicity at the cut unchanged, so the tie rule of
+    :func:`_finish_rows` still sees it). After the first block these are a few per column, so this replaces
+    a column-wise ``topk`` over every block by one comparison pass and a small merge."""
+    import torch
+
+    thresh = run_v[j0:].amin(dim=1)  # [N - j0]
+    r, c = torch.nonzero(block > thresh, as_tuple=True)
+    if r.numel() == 0:
+        return
+    order = torch.argsort(c, stable=True)
+    r, c = r[order], c[order]
+    hit, counts = torch.unique_consecutive(c, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(c.numel(), device=c.device) - torch.repeat_interleave(starts, counts)
+    width = int(counts.max())
+    pv = torch.full((hit.numel(), width), -float("inf"), dtype=block.dtype, device=block.device)
+    pi = torch.full((hit.numel(), width), -1, dtype=torch.int64, device=block.device)
+    row_of = torch.repeat_interleave(torch.arange(hit.numel(), device=c.device), counts)
+    pv[row_of, slot] = block[r, c]
+    pi[row_of, slot] = r + r0
+    cols = hit + j0
+    mv, pos = torch.topk(torch.cat([run_v[cols], pv], 1), kq, dim=1, sorted=False)
+    run_i[cols] = torch.gather(torch.cat([run_i[cols], pi], 1), 1, pos)
+    run_v[cols] = mv
+
+
 def _knn_torch(x: np.ndarray, k: int, chunk_size: int, progress: bool, index_dtype=np.int64,
                symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Blocked exact search: for each block of ``chunk_size`` query rows one ``[rows, d] @ [d, N]``
@@ -162,15 +203,11 @@ def _knn_torch(x: np.ndarray, k: int, chunk_size: int, progress: bool, index_dty
                 i += c0
                 v, pos = torch.topk(torch.cat([run_v[a:b], v], 1), kq, dim=1, sorted=False)
                 i = torch.gather(torch.cat([run_i[a:b], i], 1), 1, pos)
-                if b < n:  # columns j >= b: their top-(k+1) among rows a..b-1, merged into the running lists
+                if b < n and a == 0:  # columns j >= b: their top-(k+1) among rows a..b-1, into the running lists
                     cv, ci = torch.topk(s[:, b - a:], min(kq, b - a), dim=0, sorted=False)  # [kc, N - b]
-                    cv, ci = cv.T, ci.T + a
-                    for m in range(0, n - b, MERGE_ROWS):
-                        j0, j1 = b + m, min(n, b + m + MERGE_ROWS)
-                        mv, pos = torch.topk(torch.cat([run_v[j0:j1], cv[m : m + j1 - j0]], 1), kq, dim=1,
-                                             sorted=False)
-                        run_i[j0:j1] = torch.gather(torch.cat([run_i[j0:j1], ci[m : m + j1 - j0]], 1), 1, pos)
-                        run_v[j0:j1] = mv
+                    _merge(run_v, run_i, b, cv.T, ci.T + a, kq)
+                elif b < n:  # later blocks: only products above a column's current (k+1)-th best can enter
+                    _merge_above(run_v, run_i, b, s[:, b - a:], a, kq)
             v, i = v.cpu().numpy(), i.cpu().numpy()
             if np.any(i < 0) or not np.isfinite(v).all():
                 raise ValueError("knn: inner products overflow float32 (features too large to compare)")
