@@ -140,14 +140,14 @@ def _merge(run_v, run_i, j0: int, v, i, kq: int) -> None:
 
 
 def _merge_above(run_v, run_i, j0: int, block, r0: int, kq: int) -> None:
-    """Columns ``c`` of ``block`` ``[rows, cols]`` (products of rows ``r0 + r`` with them) into the running
-    lists ``j0 + c``: only entries strictly above a column's current ``kq``-th best value can be among its final top
+    """Columns ``j0 + c`` of ``block`` ``[rows, N - j0]`` (products of rows ``r0..`` with them) into the running
+    lists: only entries strictly above a column's current ``kq``-th best value can be among its final top
     ``kq`` (an entry equal to it leaves that value's multiplicity at the cut unchanged, so the tie rule of
     :func:`_finish_rows` still sees it). After the first block these are a few per column, so this replaces
     a column-wise ``topk`` over every block by one comparison pass and a small merge."""
     import torch
 
-    thresh = run_v[j0 : j0 + block.shape[1]].amin(dim=1)  # [columns of block]
+    thresh = run_v[j0:].amin(dim=1)  # [N - j0]
     r, c = torch.nonzero(block > thresh, as_tuple=True)
     if r.numel() == 0:
         return
@@ -198,16 +198,11 @@ def _knn_torch(x: np.ndarray, k: int, chunk_size: int, progress: bool, index_dty
             c0 = a if symmetric else 0
             s = flat[: (b - a) * (n - c0)].view(b - a, n - c0)
             torch.mm(base[a:b], base[c0:].T, out=s)  # [rows, N - c0]
-            if symmetric and a > 0:  # rows a..b-1 already hold a full top-(k+1) among rows < a: merge above it
-                _merge_above(run_v, run_i, a, s.T, a, kq)
-                v, i = run_v[a:b].clone(), run_i[a:b].clone()
-            else:
-                v, i = torch.topk(s, min(kq, n - c0), dim=1, largest=True, sorted=False)
+            v, i = torch.topk(s, min(kq, n - c0), dim=1, largest=True, sorted=False)
             if symmetric:
-                if a == 0:
-                    i += c0
-                    v, pos = torch.topk(torch.cat([run_v[a:b], v], 1), kq, dim=1, sorted=False)
-                    i = torch.gather(torch.cat([run_i[a:b], i], 1), 1, pos)
+                i += c0
+                v, pos = torch.topk(torch.cat([run_v[a:b], v], 1), kq, dim=1, sorted=False)
+                i = torch.gather(torch.cat([run_i[a:b], i], 1), 1, pos)
                 if b < n and a == 0:  # columns j >= b: their top-(k+1) among rows a..b-1, into the running lists
                     cv, ci = torch.topk(s[:, b - a:], min(kq, b - a), dim=0, sorted=False)  # [kc, N - b]
                     _merge(run_v, run_i, b, cv.T, ci.T + a, kq)
