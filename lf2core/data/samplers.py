@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("balanced", "released")  # the values of config keys pretrain.sampler / finetune.sampler
 
 
+
+def _checked(labels: Sequence[int] | np.ndarray, camids: Sequence[int] | np.ndarray, batch_size: int,
+             num_instances: int, num_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """``labels``, ``camids`` as int64 ``[N]`` arrays; DataError for mismatched lengths or sizes < 1."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    camids = np.asarray(camids, dtype=np.int64).reshape(-1)
+    if labels.shape != camids.shape:
+        raise DataError(f"sampler: {labels.size} labels but {camids.size} camids")
+    if num_instances < 1 or batch_size < 1:
+        raise DataError(f"sampler: need batch_size ({batch_size}) >= 1 and num_instances ({num_instances}) >= 1")
+    if num_batches < 1:
+        raise DataError(f"sampler: num_batches must be >= 1, got {num_batches}")
+    return labels, camids
+
 class IdentityBatchSampler:
     """Batch sampler (for ``DataLoader(batch_sampler=...)``) yielding ``num_batches`` lists of indices.
 
@@ -55,14 +69,9 @@ class IdentityBatchSampler:
         num_batches: int,
         seed: int = 0,
     ) -> None:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        camids = np.asarray(camids, dtype=np.int64).reshape(-1)
-        if labels.shape != camids.shape:
-            raise DataError(f"sampler: {labels.size} labels but {camids.size} camids")
-        if num_instances < 1 or batch_size < num_instances:
+        if batch_size < num_instances:
             raise DataError(f"sampler: need batch_size ({batch_size}) >= num_instances ({num_instances}) >= 1")
-        if num_batches < 1:
-            raise DataError(f"sampler: num_batches must be >= 1, got {num_batches}")
+        labels, camids = _checked(labels, camids, batch_size, num_instances, num_batches)
         self.num_instances = int(num_instances)
         self.num_batches = int(num_batches)
         self.seed = int(seed)
@@ -163,14 +172,7 @@ class ReleasedBatchSampler:
         num_batches: int,
         seed: int = 0,
     ) -> None:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        camids = np.asarray(camids, dtype=np.int64).reshape(-1)
-        if labels.shape != camids.shape:
-            raise DataError(f"sampler: {labels.size} labels but {camids.size} camids")
-        if num_instances < 1 or batch_size < 1:
-            raise DataError(f"sampler: need batch_size ({batch_size}) >= 1 and num_instances ({num_instances}) >= 1")
-        if num_batches < 1:
-            raise DataError(f"sampler: num_batches must be >= 1, got {num_batches}")
+        labels, camids = _checked(labels, camids, batch_size, num_instances, num_batches)
         self.batch_size = int(batch_size)
         self.num_instances = int(num_instances)
         self.num_batches = int(num_batches)
