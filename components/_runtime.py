@@ -280,7 +280,7 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
     model in ``finetuned``), complete outputs skipped (a retried task resumes), every output logged to
     MLflow as the per-stage components do. Writes ``rounds/rounds.json`` (round -> stage -> location).
     Returns (the final model's location, the rounds' entries)."""
-    from lf2core import artifacts
+    from lf2core import kept_models
     from lf2core.stages.rounds import StageRunner
     from lf2core.stages.table import FINETUNE
 
@@ -301,7 +301,7 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
 
     runner = StageRunner(cfg, after=after)
     location, entries = input_location(model), []
-    with failure_marks_run(run_id or ""), artifacts.models_in_memory():
+    with failure_marks_run(run_id or ""), kept_models.models_in_memory():
         for r in range(first_round, last + 1):
             location, entry = runner.round(r, input_location(data), location, place)
             entries.append(entry)

@@ -19,12 +19,11 @@ use: the mean teacher that extract/finetune continue from, the evaluated network
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ import torch
 from . import storage
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointError, DataError
+from .kept_models import kept_model
 from .variants import LABEL_SETS, get_variant
 
 MANIFEST = "manifest.json"
@@ -309,7 +309,7 @@ class StageModel:
 
         from .models.teacher import build_target_model, load_mean_teacher
 
-        kept = _kept(self.location)
+        kept = kept_model(self.location)
         if kept is not None:
             return copy.deepcopy(kept.model)
         cfg = self.cfg
@@ -384,10 +384,10 @@ def read_model(cfg: Any, location: str) -> StageModel:
 
 def model_digests(location: str) -> list[tuple[str, str]]:
     """(file name, SHA-256 hex) of each model file present in a model output, in ``MODEL_FILES`` order (those
-    recorded with a model kept in memory, ``keep_model``, while its files are unchanged)."""
+    recorded with a model kept in memory, ``lf2core.kept_models``, while its files are unchanged)."""
     import hashlib
 
-    kept = _kept(location)
+    kept = kept_model(location)
     if kept is not None:
         return list(kept.digests)
     out = []
@@ -396,62 +396,3 @@ def model_digests(location: str) -> list[tuple[str, str]]:
         if storage.exists(uri):
             out.append((name, hashlib.sha256(storage.read_bytes(uri)).hexdigest()))
     return out
-
-
-# ------------------------------------------------------------------------------- models kept in memory
-@dataclass
-class _KeptModel:
-    location: str
-    versions: list[Optional[str]]  # storage.version of each MODEL_FILES entry when kept
-    digests: list[tuple[str, str]]
-    model: Any  # the MeanTeacher, on the CPU
-
-
-_KEEP: dict[str, Any] = {"on": False, "model": None}
-
-
-@contextlib.contextmanager
-def models_in_memory() -> Iterator[None]:
-    """Within this block (one process running several stages: ``lf2core.stages.rounds.StageRunner``) the
-    last finetune output's ``MeanTeacher`` stays in memory (``keep_model``): ``read_model(cfg,
-    location).mean_teacher()`` returns a copy of it and ``model_digests`` its recorded digests instead of
-    reading the files again, as long as those files are unchanged (``storage.version``). One model is
-    kept at a time; it is dropped when the block ends."""
-    before = dict(_KEEP)
-    _KEEP.update(on=True, model=None)
-    try:
-        yield
-    finally:
-        _KEEP.clear()
-        _KEEP.update(before)
-
-
-def keeping_models() -> bool:
-    """True inside ``models_in_memory``."""
-    return bool(_KEEP["on"])
-
-
-def keep_model(location: str, mt: Any, digests: list[tuple[str, str]]) -> None:
-    """Keep a copy of ``mt`` (the CPU ``MeanTeacher`` just committed to ``location``, whose files have
-    ``digests``: ``model_digests`` of what was written) when ``models_in_memory`` is on; else a no-op."""
-    import copy
-
-    if not _KEEP["on"]:
-        return
-    kept = copy.deepcopy(mt)
-    for p in kept.parameters():
-        p.grad = None
-    _KEEP["model"] = _KeptModel(str(location), _versions(str(location)), list(digests), kept)
-
-
-def _versions(location: str) -> list[Optional[str]]:
-    return [storage.version(storage.join(location, n)) for n in MODEL_FILES]
-
-
-def _kept(location: str) -> Optional[_KeptModel]:
-    k = _KEEP.get("model")
-    if k is None or k.location != str(location) or _versions(str(location)) != k.versions:
-        return None
-    return k
-
-

@@ -152,7 +152,7 @@ def test_networks_handed_over_in_memory_equal_the_files_and_follow_them(tmp_path
 
     import torch
 
-    from lf2core import artifacts
+    from lf2core import artifacts, kept_models
 
     monkeypatch.setenv("LF2_TRACKING", "off")
     cfg = load_config("demo", TINY + ["finetune.rounds=1"])
@@ -161,7 +161,7 @@ def test_networks_handed_over_in_memory_equal_the_files_and_follow_them(tmp_path
     stage(PRETRAIN)(cfg, data, src)
     stage(EXTRACT)(cfg, data, src, feats)
     stage(CLUSTER)(cfg, feats, labels)
-    with artifacts.models_in_memory():
+    with kept_models.models_in_memory():
         stage(FINETUNE)(cfg, data, labels, src, ft, round_index=0)
         handed = artifacts.read_model(cfg, ft).mean_teacher()
         again = artifacts.read_model(cfg, ft).mean_teacher()
@@ -174,7 +174,7 @@ def test_networks_handed_over_in_memory_equal_the_files_and_follow_them(tmp_path
     assert all(p.grad is None for p in handed.parameters())
     assert digests == [(n, hashlib.sha256((Path(ft) / n).read_bytes()).hexdigest())
                        for n in artifacts.MODEL_FILES if (Path(ft) / n).is_file()]
-    with artifacts.models_in_memory():
+    with kept_models.models_in_memory():
         stage(FINETUNE)(cfg, data, labels, src, str(tmp_path / "ft2"), round_index=0)
         torch.manual_seed(0)
         with torch.no_grad():

@@ -41,7 +41,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from .. import artifacts, storage
+from .. import artifacts, kept_models, storage
 from ..checkpoint import TrainingState, fingerprint
 from ..config import Config
 from ..errors import DataError
@@ -146,7 +146,7 @@ def finetune(
             "variant": settings.variant, "round": int(round_index), "global_step": final["global_step"],
         })
         artifacts.write_metrics(tmp, final, rnd.history)
-        digests = artifacts.model_digests(str(tmp)) if artifacts.keeping_models() else []
+        digests = artifacts.model_digests(str(tmp)) if kept_models.keeping_models() else []
     state.release()
-    artifacts.keep_model(out, mt, digests)  # several rounds in one process: the next stages skip re-reading it
+    kept_models.keep_model(out, mt, digests)  # several rounds in one process: the next stages skip re-reading it
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}

@@ -6,7 +6,7 @@ complete (``storage.is_complete``), so a process killed in round r and started a
 first unfinished stage (finetune itself resumes inside its round from its training state); after each
 stage, run or skipped, the ``after(stage, round, out)`` hook sees its output (the pipeline logs it to
 MLflow there). The stage functions read their inputs from those outputs, so running K rounds in one
-process changes nothing in what each stage computes; inside ``artifacts.models_in_memory()`` (both
+process changes nothing in what each stage computes; inside ``kept_models.models_in_memory()`` (both
 callers) the networks a finetune just wrote are handed to the next extract-features and finetune in
 memory instead of being read back (and digested) from their files, as long as those are unchanged
 (ResNet-50: 2 x 1.0 s of reading + 0.25 s of hashing per round saved on this CPU, more from S3).
@@ -81,7 +81,7 @@ class StageRunner:
     def round(self, r: int, data: str, model: str, place: Place) -> tuple[str, dict[str, Any]]:
         """Round ``r`` from ``model``: the new model's location and the round's entry
         ``{"round", "cluster": {set: CLUSTER_KEYS}, "finetune": final metrics}``. Call it inside
-        ``artifacts.models_in_memory()`` to hand the finetuned networks to the next round in memory."""
+        ``kept_models.models_in_memory()`` to hand the finetuned networks to the next round in memory."""
         feats = self.run(EXTRACT, place(EXTRACT, r, (data, model)), data, model, round_index=r)
         labels = self.run(CLUSTER, place(CLUSTER, r, (feats,)), feats, round_index=r)
         model = self.run(FINETUNE, place(FINETUNE, r, (data, labels, model)), data, labels, model, round_index=r)

@@ -30,7 +30,7 @@ import json
 import logging
 from typing import Any, Optional
 
-from .. import artifacts, storage
+from .. import artifacts, kept_models, storage
 from ..config import Config, ConfigError
 from ..errors import StorageError
 from .rounds import Place, StageRunner, stage_summary
@@ -140,7 +140,7 @@ def run_local(
         source_only = {k[len("target_"):]: v for k, v in final.items() if k.startswith("target_")} or None
 
     model, rounds, n_rounds = source_model, [], cfg.finetune.rounds
-    with artifacts.models_in_memory():
+    with kept_models.models_in_memory():
         for r in range(n_rounds):
             model, entry = runner.round(r, data, model, _place(out))
             if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
