@@ -264,3 +264,39 @@ def test_full_path_labels_identical_to_dense_reference_high_dim(backend):
     assert np.array_equal(got, expected)
     assert timings["knn_backend"] == backend and set(timings) >= {"knn_s", "v_s", "minsum_s", "dbscan_s"}
     assert expected.max() >= 3 and (expected == -1).any()
+
+
+def test_jaccard_from_v_equals_brute_force_min_sum():
+    """Step 6 alone on an arbitrary row-stochastic sparse V (rows of 1 to 12 entries, ties, a column
+    shared by many rows): the upper-triangle computation + mirror equals a dense double loop over pairs,
+    stores exactly the pairs that share a column (explicit zeros and the diagonal included), symmetric."""
+    from lf2core.cluster.jaccard import jaccard_from_v
+
+    rng = np.random.default_rng(5)
+    n = 40
+    rows, cols, vals = [], [], []
+    for i in range(n):
+        c = rng.choice(n, size=int(rng.integers(1, 13)), replace=False)
+        c = np.union1d(c, [7]) if i % 3 == 0 else c  # column 7: a long inverted list
+        w = rng.integers(1, 4, size=len(c)).astype(np.float64)  # small integers: ties between rows
+        rows += [i] * len(c)
+        cols += list(c)
+        vals += list(w / w.sum())
+    v = sp.csr_matrix((np.array(vals, np.float32), (rows, cols)), shape=(n, n))
+    dense_v = v.toarray().astype(np.float64)
+    shared = (dense_v > 0).astype(int) @ (dense_v > 0).T.astype(int) > 0
+    m = np.minimum(dense_v[:, None, :], dense_v[None, :, :]).sum(axis=2)
+    expected = np.where(shared, np.maximum(1.0 - m / (2.0 - m), 0.0), 1.0)
+    for max_distance in (None, 0.5):
+        out = jaccard_from_v(v, max_distance=max_distance)
+        keep = shared if max_distance is None else shared & ((expected <= max_distance) | np.eye(n, dtype=bool))
+        stored = np.zeros((n, n), dtype=bool)
+        coo = out.tocoo()
+        stored[coo.row, coo.col] = True
+        assert coo.nnz == len(set(zip(coo.row.tolist(), coo.col.tolist())))  # no duplicates
+        assert np.array_equal(stored, keep)
+        assert out.has_sorted_indices and all(np.all(np.diff(out.indices[out.indptr[i]:out.indptr[i + 1]]) > 0)
+                                              for i in range(n))
+        np.testing.assert_allclose(coo.data, expected[coo.row, coo.col], atol=1e-6)
+        assert (out != out.T).nnz == 0
+        assert keep.diagonal().all() and np.abs(out.diagonal()).max() < 1e-6  # m(i, i) = row sum = 1 (float32)
