@@ -240,11 +240,12 @@ def test_many_blocks_and_chunks_give_the_same_matrix(feats, references, monkeypa
     """Tiny block / buffer / chunk sizes (many blocks, rows split across output chunks, expansion in chunks
     of 7 rows) change nothing."""
     from lf2core.cluster import jaccard as jac
+    from lf2core.cluster import minsum
 
     base = jaccard_distance(feats, k1=20, k2=6)
-    monkeypatch.setattr(jac, "MINSUM_BLOCK_TERMS", 997)
-    monkeypatch.setattr(jac, "MINSUM_BUFFER", 3 * len(feats) + 5)
-    monkeypatch.setattr(jac._ChunkedOutput, "CHUNK", 1009)
+    monkeypatch.setattr(minsum, "MINSUM_BLOCK_TERMS", 997)
+    monkeypatch.setattr(minsum, "MINSUM_BUFFER", 3 * len(feats) + 5)
+    monkeypatch.setattr(minsum._ChunkedOutput, "CHUNK", 1009)
     monkeypatch.setattr(jac, "EXPANSION_CHUNK_ROWS", 7)
     small = jaccard_distance(feats, k1=20, k2=6)
     assert np.array_equal(small.indptr, base.indptr) and np.array_equal(small.indices, base.indices)

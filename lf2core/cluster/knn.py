@@ -15,8 +15,6 @@ Queries are processed in chunks of ``chunk_size`` rows, so the only O(N)-sized o
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Literal, Optional
 
 import numpy as np
