@@ -9,7 +9,7 @@ features of the target train split). Needs the true ids (all ``pids >= 0``): a d
 benchmark, never a way to choose the settings of an unlabelled target. Prints one markdown table per file:
 clusters, outliers, NMI, ARI, pairwise precision / recall / F1 (pairs of images in one cluster that share
 an identity / pairs sharing an identity that land in one cluster), plus ``eps`` from the label-free rule
-of SSG/MMT (mean of the smallest 0.16% pairwise Jaccard distances) and, with ``--kmeans K``, k-means.
+of SSG/MMT (``cluster.eps=auto``: mean of the smallest 0.16% pairwise Jaccard distances) and, with ``--kmeans K``, k-means.
 """
 
 from __future__ import annotations
@@ -22,22 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
 
 from lf2core.cluster import jaccard_distance  # noqa: E402
 from lf2core.cluster.jaccard import normalize_rows  # noqa: E402
-from lf2core.cluster.labels import cluster_stats, dbscan_precomputed, kmeans_labels  # noqa: E402
-
-
-def rho_eps(dist: sp.csr_matrix, rho: float = 1.6e-3) -> float:
-    """Mean of the smallest ``rho`` share of the N(N-1)/2 pairwise distances (absent entries count as 1)."""
-    n = dist.shape[0]
-    upper = sp.triu(dist, 1).tocoo()
-    vals = np.sort(upper.data[upper.data > 0])
-    top = max(1, int(round(rho * n * (n - 1) / 2)))
-    if top <= len(vals):
-        return float(vals[:top].mean())
-    return float((vals.sum() + (top - len(vals))) / top)
+from lf2core.cluster.labels import cluster_stats, dbscan_precomputed, kmeans_labels, rho_eps  # noqa: E402
 
 
 def row(name: str, labels: np.ndarray, pids: np.ndarray, camids: np.ndarray) -> str:

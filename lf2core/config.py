@@ -54,6 +54,8 @@ def _in_range(v: Any, r: dict[str, Any]) -> bool:
         return re.fullmatch(r["pattern"], v) is not None
     if r["choices"]:
         return v in r["choices"]
+    if isinstance(v, str):  # a word allowed by the key's type (e.g. eps: auto); numeric ranges do not apply
+        return True
     vals = v if isinstance(v, list) else [v]
     return all((r["ge"] is None or x >= r["ge"]) and (r["gt"] is None or x > r["gt"])
                and (r["le"] is None or x <= r["le"]) and (r["lt"] is None or x < r["lt"]) for x in vals)
@@ -136,7 +138,8 @@ class ClusterConfig:
     num_clusters: int = _f(700, ge=2)  # kmeans K (paper: 700 D->M, 900 M->D)
     k1: int = _f(30, ge=1)
     k2: int = _f(6, ge=1)
-    eps: float = _f(0.6, gt=0, lt=1)
+    eps: float | Literal["auto"] = _f(0.6, gt=0, lt=1)  # auto: MMT's rule, the mean of the smallest eps_rho
+    eps_rho: float = _f(1.6e-3, gt=0, le=1)  # share of the N(N-1)/2 pairwise Jaccard distances (eps=auto)
     min_samples: int = _f(4, ge=1)
     outliers: Literal["drop", "singleton"] = "drop"
     kmeans_batch_size: int = _f(300, ge=1)
@@ -234,7 +237,16 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], key)
+        if len(inner) == 1:
+            return _check_value(value, inner[0], key)
+        for alt in inner:  # the first alternative the value fits, e.g. float | Literal["auto"]
+            try:
+                return _check_value(value, alt, key)
+            except ConfigError:
+                pass
+        names = [f"one of {list(typing.get_args(a))}" if typing.get_origin(a) is Literal else f"a {a.__name__}"
+                 for a in inner]
+        raise ConfigError(f"config key '{key}': {value!r} is not {' or '.join(names)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -320,6 +332,16 @@ def _validate(cfg: Config) -> None:
                           f"pretrain.epochs={cfg.pretrain.epochs}")
 
 
+def _type_text(tp: Any) -> str:
+    """``float``, ``Optional[str]``, ``float | 'auto'`` (a union with a Literal names its words)."""
+    if typing.get_origin(tp) is None:
+        return getattr(tp, "__name__", str(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) not in typing.get_args(tp):
+        return " or ".join(" or ".join(repr(w) for w in typing.get_args(a)) if typing.get_origin(a) is Literal
+                           else _type_text(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
 def describe_keys() -> list[tuple[str, str, str, str]]:
     """``[(key, type, default, valid range)]`` for every config key (``docs/config.md`` lists them)."""
     rows: list[tuple[str, str, str, str]] = []
@@ -336,8 +358,7 @@ def describe_keys() -> list[tuple[str, str, str, str]]:
                 rng = " | ".join(map(str, typing.get_args(tp)))
             else:
                 rng = _range_text(f.metadata["range"]) if "range" in f.metadata else ""
-            tname = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
-            rows.append((prefix + f.name, tname or str(tp).replace("typing.", ""), repr(value), rng))
+            rows.append((prefix + f.name, _type_text(tp), repr(value), rng))
 
     walk(Config(), "")
     return rows

@@ -301,3 +301,51 @@ def test_jaccard_from_v_equals_brute_force_min_sum():
         np.testing.assert_allclose(coo.data, expected[coo.row, coo.col], atol=1e-6)
         assert (out != out.T).nnz == 0
         assert keep.diagonal().all() and np.abs(out.diagonal()).max() < 1e-6  # m(i, i) = row sum = 1 (float32)
+
+
+def _mmt_eps(dense: np.ndarray, rho: float) -> float:
+    """MMT's rule written as MMT does it: sort the upper triangle of the dense matrix, mean of the top."""
+    tri = np.sort(dense[np.triu_indices(len(dense), 1)])
+    return float(tri[:max(1, int(round(rho * tri.size)))].mean())
+
+
+@pytest.mark.parametrize("rho", [1.6e-3, 2e-2, 0.2, 0.9])
+def test_rho_eps_equals_the_dense_rule(feats, references, rho):
+    """On the full sparse matrix (absent = 1) the rule equals MMT's dense computation, also when the
+    share reaches into the absent pairs (rho 0.9)."""
+    from lf2core.cluster.labels import rho_eps
+
+    dense = references[(20, 6)][0]
+    got = rho_eps(jaccard_distance(feats, k1=20, k2=6), rho)
+    assert got == pytest.approx(_mmt_eps(dense, rho), abs=1e-6)
+
+
+def test_rho_eps_of_a_pruned_matrix_is_undetermined_when_too_few_pairs_stored(feats):
+    from lf2core.cluster.labels import rho_eps
+
+    pruned = jaccard_distance(feats, k1=20, k2=6, max_distance=0.05)
+    assert rho_eps(pruned, 0.2, cap=0.05) is None
+    full = jaccard_distance(feats, k1=20, k2=6)
+    half = jaccard_distance(feats, k1=20, k2=6, max_distance=0.5)
+    assert rho_eps(half, 1e-3, cap=0.5) == rho_eps(full, 1e-3)  # the 72 smallest pairs are all below 0.5
+
+
+def test_auto_eps_labels_equal_dbscan_on_the_full_matrix_and_the_cap_fallback(feats, references, monkeypatch):
+    from lf2core.cluster import labels as lab
+
+    dense = references[(30, 6)][0]
+    rho = 1e-2
+    want_eps = _mmt_eps(dense, rho)
+    want = DBSCAN(eps=want_eps, min_samples=4, metric="precomputed").fit_predict(dense)
+    for cap in (lab.AUTO_EPS_CAP, 0.01):  # 0.01: too few pairs below the cap -> the uncapped matrix
+        monkeypatch.setattr(lab, "AUTO_EPS_CAP", cap)
+        chosen: dict = {}
+        got = pseudo_labels(feats, "dbscan", k1=30, k2=6, eps="auto", eps_rho=rho, min_samples=4, chosen=chosen)
+        assert chosen["eps"] == pytest.approx(want_eps, abs=1e-6)
+        assert np.array_equal(got, want)
+    assert len(np.unique(want[want >= 0])) > 3  # a real clustering, not all outliers
+
+
+def test_pseudo_labels_rejects_a_word_other_than_auto(feats):
+    with pytest.raises(ValueError, match="'auto'"):
+        pseudo_labels(feats, "dbscan", eps="fixed")

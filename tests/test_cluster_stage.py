@@ -114,3 +114,23 @@ def test_cli_cluster(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["round"] == 1
     rc = main(["cluster", "--features", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
     assert rc == 2
+
+
+def test_stage_eps_auto_chooses_eps_per_set_and_logs_it(tmp_path):
+    """eps=auto: each set's eps is the rule's value on that set's own distances (rho_eps on the full
+    sparse matrix, computed here independently), reported per set, and the labels are DBSCAN's with it."""
+    from lf2core.cluster import jaccard_distance
+    from lf2core.cluster.labels import rho_eps
+
+    arrays, _ = _write_features(tmp_path / "feat")
+    cfg = load_config(None, ["cluster.method=dbscan", "cluster.k1=15", "cluster.eps=auto", "cluster.eps_rho=0.01"])
+    metrics = cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out"), round_index=0)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    with np.load(tmp_path / "out" / "labels.npz") as z:
+        labels = {k: z[k] for k in z.files}
+    for name in ("global", "upper", "lower"):
+        want = rho_eps(jaccard_distance(arrays[name], k1=15, k2=6), 0.01)
+        assert stats[name]["eps"] == pytest.approx(want, abs=1e-6) and metrics[f"{name}/eps"] == stats[name]["eps"]
+        assert np.array_equal(labels[name], pseudo_labels(arrays[name], "dbscan", k1=15, k2=6, eps=want,
+                                                          min_samples=4))
+    assert len({stats[n]["eps"] for n in ("global", "upper", "lower")}) == 3  # chosen per set

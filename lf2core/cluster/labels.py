@@ -80,6 +80,61 @@ def dbscan_precomputed(dist: sp.csr_matrix, eps: float = 0.6, min_samples: int =
     return labels
 
 
+# ------------------------------------------------------------------------------------------ eps from the data
+#: MMT's / SSG's share of the N(N-1)/2 pairwise distances whose mean becomes eps (``eps="auto"``)
+AUTO_EPS_RHO = 1.6e-3
+#: distances stored while eps is chosen (``eps="auto"``); the full matrix is built only when fewer than
+#: the needed pairs lie below it
+AUTO_EPS_CAP = 0.8
+
+
+def rho_eps(dist: sp.csr_matrix, rho: float = AUTO_EPS_RHO, cap: Optional[float] = None) -> Optional[float]:
+    """The label-free DBSCAN eps of MMT / SSG: the mean of the smallest ``rho`` share of the ``N(N-1)/2``
+    pairwise distances (pairs ``i < j``) of a symmetric sparse distance matrix whose absent entries are 1.
+
+    ``M = max(1, round(rho * N(N-1)/2))`` pairs. ``cap``: the matrix stores only the entries ``<= cap``
+    (``jaccard_distance(max_distance=cap)``); if fewer than ``M`` pairs are stored, the answer is not
+    determined by it and None is returned. ``cap=None``: every pair sharing a column of V is stored, the
+    others count as 1. Never builds an ``N x N`` array: ``O(nnz)``.
+    """
+    n = dist.shape[0]
+    if n < 2:
+        raise ValueError(f"rho_eps: need at least 2 samples, got {n}")
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho_eps: rho must be in (0, 1], got {rho}")
+    vals = sp.triu(sp.csr_matrix(dist), k=1).tocoo().data.astype(np.float64)
+    top = max(1, int(round(rho * n * (n - 1) / 2)))
+    if top <= len(vals):
+        return float(np.partition(vals, top - 1)[:top].mean())
+    if cap is None:
+        return float((vals.sum() + (top - len(vals))) / top)
+    return None
+
+
+def auto_eps(features: np.ndarray, *, k1: int, k2: int, rho: float = AUTO_EPS_RHO, knn_backend: str = "auto",
+             progress: bool = False, timings: Optional[dict] = None) -> tuple[float, sp.csr_matrix]:
+    """``(eps, dist)``: :func:`rho_eps` of the Jaccard distance of ``features`` and that distance with the
+    entries ``<= eps`` (and the diagonal) stored, ready for DBSCAN with that eps (identical labels to the
+    full matrix: entries above eps are never neighbours). One kNN search; the min-sum runs with the cap
+    ``AUTO_EPS_CAP`` and again uncapped only if fewer than the needed pairs lie below the cap."""
+    from .knn import knn
+
+    x = normalize_rows(features)
+    found = knn(x, min(int(k1), x.shape[0]), backend=knn_backend, progress=progress)  # type: ignore[arg-type]
+    eps: Optional[float] = None
+    for cap in (AUTO_EPS_CAP, None):
+        dist = jaccard_distance(x, k1=k1, k2=k2, knn_result=found, progress=progress, max_distance=cap,
+                                timings=timings)
+        eps = rho_eps(dist, rho, cap)
+        if eps is not None:
+            break
+    assert eps is not None  # an uncapped matrix always determines it
+    coo = dist.tocoo()
+    keep = (coo.data <= eps) | (coo.row == coo.col)
+    pruned = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=dist.shape)
+    return eps, pruned
+
+
 # ------------------------------------------------------------------------------------------ k-means
 def kmeans_labels(
     features: np.ndarray,
@@ -130,7 +185,7 @@ def pseudo_labels(
     *,
     k1: int = 30,
     k2: int = 6,
-    eps: float = 0.6,
+    eps: float | Literal["auto"] = 0.6,
     min_samples: int = 4,
     num_clusters: Optional[int] = None,
     seed: int = 0,
@@ -142,10 +197,14 @@ def pseudo_labels(
     progress: bool = False,
     timings: Optional[dict] = None,
     return_centres: bool = False,
+    eps_rho: float = AUTO_EPS_RHO,
+    chosen: Optional[dict] = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Pseudo labels of the rows of ``features`` ``[N, d]`` -> ``[N]`` int64 (-1 = DBSCAN outlier).
 
     ``method="dbscan"``: DBSCAN(eps, min_samples) on :func:`jaccard_distance` (k1, k2), sparse.
+    ``eps="auto"``: eps chosen from the data without labels (:func:`auto_eps`, share ``eps_rho``); the
+    value used is stored in ``chosen["eps"]`` when a dict is given (a number eps is stored there too).
     ``method="kmeans"``: MiniBatchKMeans with ``num_clusters`` clusters on the L2-normalised features
     (``kmeans_*``: batch size, max iterations, n_init, init_size), seeded with ``seed``; no outliers.
     Outliers are kept as -1: see :func:`apply_outlier_policy`.
@@ -153,11 +212,17 @@ def pseudo_labels(
     ``dbscan_s`` are stored in it. ``return_centres`` (kmeans only): return ``(labels, centres [K, d])``.
     """
     if method == "dbscan":
-        if not 0.0 < eps:
-            raise ValueError(f"pseudo_labels: eps must be > 0, got {eps}")
-        # entries > eps are never DBSCAN neighbours: not storing them gives the same labels in less memory
-        dist = jaccard_distance(features, k1=k1, k2=k2, knn_backend=knn_backend, progress=progress,
-                                max_distance=eps, timings=timings)
+        if eps == "auto":
+            eps, dist = auto_eps(features, k1=k1, k2=k2, rho=eps_rho, knn_backend=knn_backend, progress=progress,
+                                 timings=timings)
+        elif isinstance(eps, str) or not 0.0 < eps:
+            raise ValueError(f"pseudo_labels: eps must be > 0 or 'auto', got {eps!r}")
+        else:
+            # entries > eps are never DBSCAN neighbours: not storing them gives the same labels in less memory
+            dist = jaccard_distance(features, k1=k1, k2=k2, knn_backend=knn_backend, progress=progress,
+                                    max_distance=eps, timings=timings)
+        if chosen is not None:
+            chosen["eps"] = float(eps)
         t0 = time.perf_counter()
         labels = dbscan_precomputed(dist, eps=eps, min_samples=min_samples)
         if timings is not None:

@@ -5,7 +5,9 @@
 - ``features``: an extract-features output directory (or the ``features.npz`` file itself): float32
   ``global``, ``upper``, ``lower`` [N, C] (``part1..partK`` for K != 2), int64 ``pids``, ``camids`` [N].
 - each feature set is clustered independently with ``cfg.cluster``: ``dbscan`` (sparse k-reciprocal
-  Jaccard distance, k1/k2/eps/min_samples) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
+  Jaccard distance, k1/k2/eps/min_samples; ``eps: auto`` chooses eps per set and round from the
+  unlabelled distances, ``lf2core.cluster.labels.auto_eps`` with ``eps_rho``; the value used is in the
+  stats as ``eps``) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
   ``kmeans_batch_size``, ``kmeans_max_iter``, ``kmeans_n_init``, seed ``cfg.seed + round_index``).
   k-means init_size: ``cfg.cluster.kmeans_init_size`` for ``global`` and ``round(init_size * 900/1500)``
   for the parts, the ratio of the released code (1500 global / 900 parts). ``ground_truth``: every set
@@ -76,13 +78,14 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
     stats: dict[str, Any] = {"round": int(round_index), "method": c.method}
     for name, x in feats.items():
         t0 = time.perf_counter()
+        chosen: dict[str, float] = {}
         init = c.kmeans_init_size if name == "global" else int(round(c.kmeans_init_size * PART_INIT_RATIO))
         try:
             lab = _ground_truth(true_ids) if c.method == "ground_truth" else pseudo_labels(
                 x, c.method, k1=c.k1, k2=c.k2, eps=c.eps, min_samples=c.min_samples,
                 num_clusters=c.num_clusters if c.method == "kmeans" else None, seed=cfg.seed + int(round_index),
                 kmeans_batch_size=c.kmeans_batch_size, kmeans_max_iter=c.kmeans_max_iter,
-                kmeans_n_init=c.kmeans_n_init, kmeans_init_size=init,
+                kmeans_n_init=c.kmeans_n_init, kmeans_init_size=init, eps_rho=c.eps_rho, chosen=chosen,
                 **({"return_centres": True} if use_centres and name == "global" else {}),
             )
         except ValueError as e:
@@ -91,6 +94,8 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
             lab, centres = lab
         labels[name] = lab.astype(np.int64)
         s = cluster_stats(lab, true_ids=true_ids, camids=cams)
+        if c.method == "dbscan":
+            s["eps"] = round(chosen["eps"], 6)  # the value used (chosen from the data with eps=auto)
         s["seconds"] = round(time.perf_counter() - t0, 3)
         stats[name] = s
         log.info("cluster %s: %d clusters, %.1f%% outliers (%.1fs)", name, s["num_clusters"],
