@@ -80,7 +80,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     _claim_out(args, SYNTHETIC_DATA)
     _print_metrics(write_domain(args.domain, args.out, ids=args.ids, test_ids=args.test_ids, seed=args.seed,
-                                height=args.height, width=args.width))
+                                height=args.height, width=args.width, layout=args.layout))
     return 0
 
 
@@ -158,7 +158,7 @@ def _add_stage(sub: Any, stage: Stage) -> None:
 
 def _add_data(sub: Any) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("synth", help="write one synthetic domain in the Market-1501 layout")
+    p = data.add_parser("synth", help="write one synthetic domain (Market-1501 or MSMT17 layout)")
     p.add_argument("--domain", choices=["a", "b"], required=True)
     p.add_argument("--out", required=True)
     _add_overwrite(p)
@@ -167,6 +167,8 @@ def _add_data(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=64)
+    p.add_argument("--layout", choices=["market1501", "msmt17"], default="market1501",
+                   help="folder layout and names (default market1501; msmt17: V1 list files, no distractors)")
     p.set_defaults(func=_data_synth)
     p = data.add_parser("check", help="print split statistics; non-zero exit naming each bad file")
     p.add_argument("root")

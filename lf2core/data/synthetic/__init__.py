@@ -97,9 +97,22 @@ def _split_stats(specs: list[ShotSpec]) -> dict[str, int]:
             "cameras": len({s.cam for s in specs})}
 
 
+LAYOUTS = ("market1501", "msmt17")
+#: the MSMT17 V1 layout: image folders per split and the list files the loader reads (train = train + val)
+MSMT_DIRS = {"train": "train", "query": "test", "gallery": "test"}
+MSMT_LISTS = {"train": "list_train.txt", "val": "list_val.txt", "query": "list_query.txt",
+              "gallery": "list_gallery.txt"}
+
+
 def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: int = 100, seed: int = 0,
-                 height: int = 128, width: int = 64) -> dict[str, Any]:
-    """Write one synthetic domain in the Market-1501 layout under ``out`` (atomically) and return stats.
+                 height: int = 128, width: int = 64, layout: str = "market1501") -> dict[str, Any]:
+    """Write one synthetic domain under ``out`` (atomically) and return stats.
+
+    ``layout``: ``market1501`` (``bounding_box_train/``, ``query/``, ``bounding_box_test/``) or ``msmt17``
+    (MSMT17 V1: ``train/`` and ``test/`` with a folder per identity, ``list_{train,val,query,gallery}.txt``
+    of ``relative/path.jpg label`` lines, names ``LLLL_NNN_CC_synth_FFFF_0.jpg``). MSMT17 has no
+    distractors or junk, so that layout leaves them out, numbers the training and the test identities
+    from 0 separately (as MSMT17 does) and puts every 10th training identity in ``list_val.txt``.
 
     ``ids`` training identities and ``test_ids`` disjoint query/gallery identities; every test identity
     is seen by >= 2 cameras with >= 2 images per camera, and the query holds one image per (identity,
@@ -111,7 +124,11 @@ def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: i
     dict has ``images``, ``identities`` (pid > 0) and ``cameras``.
     """
     _validate(domain, ids, test_ids, seed, height, width)
+    if layout not in LAYOUTS:
+        raise DataError(f"synthetic data: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     specs = schedule(domain, int(ids), int(test_ids), int(seed))
+    if layout == "msmt17":
+        specs = [s for s in specs if s.pid > 0]
     renderer = Renderer(domain, int(height), int(width))
     quality = renderer.style.jpeg_quality
     t0 = time.perf_counter()
@@ -122,11 +139,20 @@ def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: i
     it = specs if tqdm is None else tqdm(specs, desc=f"synth {domain}", unit="img", leave=False,
                                          disable=None)
     with output_dir(str(out), "synthetic-data") as tmp:
-        for sub in SPLIT_DIRS.values():
-            (tmp / sub).mkdir()
-        for spec in it:
+        place = _msmt_places(specs) if layout == "msmt17" else None
+        for sub in (MSMT_DIRS if place else SPLIT_DIRS).values():
+            (tmp / sub).mkdir(exist_ok=True)
+        for k, spec in enumerate(it):
             data = encode_jpeg(renderer.render(spec), quality)
-            (tmp / SPLIT_DIRS[spec.split] / spec.name).write_bytes(data)
+            rel = Path(SPLIT_DIRS[spec.split]) / spec.name if place is None else place[k][0]
+            (tmp / rel).parent.mkdir(exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        if place is not None:
+            lists: dict[str, list[str]] = {name: [] for name in MSMT_LISTS}
+            for rel, label, which in place:
+                lists[which].append(f"{rel.relative_to(rel.parts[0]).as_posix()} {label}")
+            for which, name in MSMT_LISTS.items():
+                (tmp / name).write_text("".join(line + "\n" for line in lists[which]))
     secs = time.perf_counter() - t0
     by = {k: [s for s in specs if s.split == k] for k in SPLIT_DIRS}
     gal = _split_stats(by["gallery"])
@@ -138,6 +164,21 @@ def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: i
         "gallery": gal, "images": len(specs), "seconds": round(secs, 3),
         "images_per_s": round(len(specs) / max(secs, 1e-9), 1),
     }
+
+
+def _msmt_places(specs: list[ShotSpec]) -> list[tuple[Path, int, str]]:
+    """``(path relative to the root, list label, list name)`` of each spec in the MSMT17 V1 layout."""
+    labels: dict[str, dict[int, int]] = {"train": {}, "test": {}}
+    counts: dict[tuple[str, int], int] = {}
+    out = []
+    for s in specs:
+        part = "train" if s.split == "train" else "test"
+        label = labels[part].setdefault(s.pid, len(labels[part]))
+        k = counts[(part, label)] = counts.get((part, label), -1) + 1
+        name = f"{label:04d}_{k:03d}_{s.cam + 1:02d}_synth_{s.frame % 10000:04d}_0.jpg"
+        which = ("val" if label % 10 == 9 else "train") if part == "train" else s.split
+        out.append((Path(MSMT_DIRS[s.split]) / f"{label:04d}" / name, label, which))
+    return out
 
 
 def render_examples(domain: str, pids: list[int], cams: list[int], seed: int = 0, height: int = 128,
