@@ -140,6 +140,8 @@ class ClusterConfig:
     k2: int = _f(6, ge=1)
     eps: float | Literal["auto"] = _f(0.6, gt=0, lt=1)  # auto: MMT's rule, the mean of the smallest eps_rho
     eps_rho: float = _f(1.6e-3, gt=0, le=1)  # share of the N(N-1)/2 pairwise Jaccard distances (eps=auto)
+    # clustering features per camera: none | center (minus the camera's mean) | standardise (and / its std)
+    camera_norm: str = _f("none", choices=("none", "center", "standardise"))
     min_samples: int = _f(4, ge=1)
     outliers: Literal["drop", "singleton"] = "drop"
     kmeans_batch_size: int = _f(300, ge=1)

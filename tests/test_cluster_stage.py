@@ -134,3 +134,56 @@ def test_stage_eps_auto_chooses_eps_per_set_and_logs_it(tmp_path):
         assert np.array_equal(labels[name], pseudo_labels(arrays[name], "dbscan", k1=15, k2=6, eps=want,
                                                           min_samples=4))
     assert len({stats[n]["eps"] for n in ("global", "upper", "lower")}) == 3  # chosen per set
+
+
+def test_camera_normalised_by_hand():
+    from lf2core.stages.cluster import camera_normalised
+
+    x = np.array([[1.0, 2.0], [3.0, 2.0], [0.0, 5.0], [7.0, 1.0]], dtype=np.float32)
+    cams = np.array([0, 0, 1, 2])  # camera 1 and 2 hold one image each: left as they are
+    got = camera_normalised(x, cams, "center")
+    want = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [7.0, 1.0] / np.hypot(7.0, 1.0)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    x2 = np.array([[1.0, 0.0], [3.0, 4.0], [5.0, 2.0], [7.0, 6.0]], dtype=np.float32)
+    got = camera_normalised(x2, np.array([0, 0, 1, 1]), "standardise")  # each dim: (v - mean) / std = +-1
+    np.testing.assert_allclose(got, np.array([[-1, -1], [1, 1], [-1, -1], [1, 1]]) / np.sqrt(2), atol=1e-6)
+
+
+def test_camera_norm_removes_a_camera_offset_that_clustering_would_follow(tmp_path):
+    """Identities seen by 3 cameras each, camera offsets larger than the identity spread: raw features cluster
+    by camera; centred per camera they cluster by identity (NMI with identity / with camera, measured)."""
+    rng = np.random.default_rng(4)
+    n_ids, per_cam, cams_n = 12, 4, 3
+    pids = np.repeat(np.arange(n_ids), per_cam * cams_n)
+    camids = np.tile(np.repeat(np.arange(cams_n), per_cam), n_ids)
+    ident = rng.standard_normal((n_ids, 32))
+    offset = rng.standard_normal((cams_n, 32)) * 3.0
+    arrays = {}
+    for name in ("global", "upper", "lower"):
+        x = ident[pids] + offset[camids] + 0.3 * rng.standard_normal((len(pids), 32))
+        arrays[name] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    (tmp_path / "feat").mkdir()
+    np.savez(tmp_path / "feat" / "features.npz", pids=pids.astype(np.int64), camids=camids.astype(np.int64),
+             **arrays)
+    nmi = {}
+    for how in ("none", "center", "standardise"):
+        cfg = load_config(None, ["cluster.method=kmeans", f"cluster.num_clusters={n_ids}", f"cluster.camera_norm={how}",
+                                 "cluster.kmeans_init_size=100", "cluster.kmeans_batch_size=100", "cluster.kmeans_n_init=3"])
+        cluster(cfg, str(tmp_path / "feat"), str(tmp_path / how), round_index=0)
+        s = json.loads((tmp_path / how / "stats.json").read_text())["global"]
+        nmi[how] = (s["nmi"], s["nmi_camera"])
+    assert nmi["none"][0] < 0.6 and nmi["none"][1] > 0.5  # raw: the cameras dominate
+    for how in ("center", "standardise"):
+        assert nmi[how][0] > 0.9 and nmi[how][1] < 0.1, nmi
+
+
+def test_camera_norm_needs_cameras(tmp_path):
+    _write_features(tmp_path / "feat")
+    with np.load(tmp_path / "feat" / "features.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["camids"][:] = -1
+    np.savez(tmp_path / "feat" / "features.npz", **arrays)
+    cfg = load_config(None, ["cluster.method=dbscan", "cluster.camera_norm=center"])
+    with pytest.raises(DataError, match="cluster.camera_norm"):
+        cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

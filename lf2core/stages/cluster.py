@@ -4,7 +4,8 @@
 
 - ``features``: an extract-features output directory (or the ``features.npz`` file itself): float32
   ``global``, ``upper``, ``lower`` [N, C] (``part1..partK`` for K != 2), int64 ``pids``, ``camids`` [N].
-- each feature set is clustered independently with ``cfg.cluster``: ``dbscan`` (sparse k-reciprocal
+- each feature set is clustered independently with ``cfg.cluster`` (after ``camera_normalised`` when
+  ``cluster.camera_norm`` is ``center`` or ``standardise``): ``dbscan`` (sparse k-reciprocal
   Jaccard distance, k1/k2/eps/min_samples; ``eps: auto`` chooses eps per set and round from the
   unlabelled distances, ``lf2core.cluster.labels.auto_eps`` with ``eps_rho``; the value used is in the
   stats as ``eps``) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
@@ -75,8 +76,12 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
     use_centres = c.classifier_init == "centres"
     if use_centres and c.method != "kmeans":
         raise DataError(f"config key 'cluster.classifier_init': centres needs cluster.method=kmeans, got {c.method}")
+    if c.camera_norm != "none" and cams is None:
+        raise DataError(f"{where}: config key 'cluster.camera_norm' = {c.camera_norm} needs the camera of every "
+                        "target train image (some camids < 0)")
     stats: dict[str, Any] = {"round": int(round_index), "method": c.method}
-    for name, x in feats.items():
+    for name, raw in feats.items():
+        x = raw if c.camera_norm == "none" else camera_normalised(raw, cams, c.camera_norm)
         t0 = time.perf_counter()
         chosen: dict[str, float] = {}
         init = c.kmeans_init_size if name == "global" else int(round(c.kmeans_init_size * PART_INIT_RATIO))
@@ -118,6 +123,23 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 metrics[f"{name}/{key}"] = val
     return metrics
+
+
+def camera_normalised(x: np.ndarray, camids: np.ndarray, how: str) -> np.ndarray:
+    """Clustering features with each camera's own statistics removed: per camera, ``center`` subtracts the
+    camera's mean feature ``[C]``; ``standardise`` also divides every dimension by the camera's standard
+    deviation (floored at 1e-6); a camera with one image is left as it is. Rows are then L2-normalised. ``x`` ``[N, C]``, ``camids`` ``[N]`` -> float32
+    ``[N, C]``. Only the labels are computed from these; the classifier initialisation uses the raw features.
+    """
+    out = np.asarray(x, dtype=np.float64).copy()
+    for cam in np.unique(camids):
+        rows = camids == cam
+        if rows.sum() < 2:  # no statistics from one image: left as it is
+            continue
+        out[rows] -= out[rows].mean(axis=0)
+        if how == "standardise":
+            out[rows] /= np.maximum(out[rows].std(axis=0), 1e-6)
+    return _normalised(out)
 
 
 def _normalised(rows: np.ndarray) -> np.ndarray:
