@@ -8,8 +8,9 @@ e.g. ``runs/uda_synthetic/seed1/lf2_dbscan/round_00/features/features.npz`` (the
 features of the target train split). Needs the true ids (all ``pids >= 0``): a diagnostic for a labelled
 benchmark, never a way to choose the settings of an unlabelled target. Prints one markdown table per file:
 clusters, outliers, NMI, ARI, pairwise precision / recall / F1 (pairs of images in one cluster that share
-an identity / pairs sharing an identity that land in one cluster), plus ``eps`` from the label-free rule
-of SSG/MMT (``cluster.eps=auto``: mean of the smallest 0.16% pairwise Jaccard distances) and, with ``--kmeans K``, k-means.
+an identity / pairs sharing an identity that land in one cluster), plus the two label-free ``cluster.eps=auto``
+rules (the mean of the smallest share of the pairwise Jaccard distances: MMT's fixed 0.16 %, and lf2's
+default share from the data's k-reciprocal neighbour count) and, with ``--kmeans K``, k-means.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import numpy as np  # noqa: E402
 
 from lf2core.cluster import jaccard_distance  # noqa: E402
 from lf2core.cluster.jaccard import normalize_rows  # noqa: E402
-from lf2core.cluster.labels import cluster_stats, dbscan_precomputed, kmeans_labels, rho_eps  # noqa: E402
+from lf2core.cluster import knn  # noqa: E402
+from lf2core.cluster.labels import (  # noqa: E402
+    AUTO_EPS_RHO, cluster_stats, dbscan_precomputed, kmeans_labels, reciprocal_share, rho_eps,
+)
 
 
 def row(name: str, labels: np.ndarray, pids: np.ndarray, camids: np.ndarray) -> str:
@@ -57,9 +61,11 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|")
         for k1 in args.k1:
             dist = jaccard_distance(x, k1=k1, k2=args.k2)
-            eps_auto = rho_eps(dist)
-            for eps in [*args.eps, eps_auto]:
-                name = f"k1 {k1}, eps {eps:.2f}" + (" (rho rule)" if eps == eps_auto else "")
+            share = reciprocal_share(knn(normalize_rows(x), k1)[1], k1)
+            rules = {"eps=auto, MMT's fixed share": rho_eps(dist, AUTO_EPS_RHO),
+                     f"eps=auto, reciprocal share ({share * (len(x) - 1):.1f} pairs/image)": rho_eps(dist, share)}
+            for name, eps in [*((f"k1 {k1}, eps {e:.2f}", e) for e in args.eps),
+                              *((f"k1 {k1}, {rule}: eps {e:.3f}", e) for rule, e in rules.items())]:
                 print(row(name, dbscan_precomputed(dist, eps=eps, min_samples=args.min_samples), pids, camids))
         if args.kmeans:
             print(row(f"k-means K {args.kmeans}", kmeans_labels(normalize_rows(x), args.kmeans, seed=0), pids, camids))

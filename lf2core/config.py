@@ -139,7 +139,9 @@ class ClusterConfig:
     k1: int = _f(30, ge=1)
     k2: int = _f(6, ge=1)
     eps: float | Literal["auto"] = _f(0.6, gt=0, lt=1)  # auto: MMT's rule, the mean of the smallest eps_rho
-    eps_rho: float = _f(1.6e-3, gt=0, le=1)  # share of the N(N-1)/2 pairwise Jaccard distances (eps=auto)
+    # share of the N(N-1)/2 pairwise Jaccard distances (eps=auto): reciprocal = mean k-reciprocal neighbours
+    # per image / (N - 1), from the data; a number: fixed (MMT: 1.6e-3)
+    eps_rho: float | Literal["reciprocal"] = _f("reciprocal", gt=0, le=1)
     # clustering features per camera: none | center (minus the camera's mean) | standardise (and / its std)
     camera_norm: str = _f("none", choices=("none", "center", "standardise"))
     min_samples: int = _f(4, ge=1)

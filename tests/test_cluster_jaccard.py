@@ -349,3 +349,24 @@ def test_auto_eps_labels_equal_dbscan_on_the_full_matrix_and_the_cap_fallback(fe
 def test_pseudo_labels_rejects_a_word_other_than_auto(feats):
     with pytest.raises(ValueError, match="'auto'"):
         pseudo_labels(feats, "dbscan", eps="fixed")
+
+
+@pytest.mark.parametrize("k1", [7, 20])
+def test_reciprocal_share_counts_k_reciprocal_neighbours(feats, k1):
+    """The data's share: mean |R(i, k1)| - 1 over N - 1, against the per-row definition on a brute-force rank."""
+    from lf2core.cluster.labels import reciprocal_share
+
+    rank = brute_initial_rank(feats, k1)
+    per_image = np.mean([len(_k_reciprocal(rank, i, k1)) - 1 for i in range(len(feats))])
+    assert per_image > 1
+    assert reciprocal_share(rank, k1) == pytest.approx(per_image / (len(feats) - 1), rel=1e-12)
+
+
+def test_auto_eps_default_share_is_the_reciprocal_one(feats):
+    from lf2core.cluster.labels import reciprocal_share, rho_eps
+
+    chosen: dict = {}
+    pseudo_labels(feats, "dbscan", k1=20, k2=6, eps="auto", chosen=chosen)
+    share = reciprocal_share(brute_initial_rank(feats, 20), 20)
+    assert chosen["eps_rho"] == pytest.approx(share, rel=1e-12)
+    assert chosen["eps"] == pytest.approx(rho_eps(jaccard_distance(feats, k1=20, k2=6), share), abs=1e-6)

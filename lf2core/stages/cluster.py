@@ -8,7 +8,7 @@
   ``cluster.camera_norm`` is ``center`` or ``standardise``): ``dbscan`` (sparse k-reciprocal
   Jaccard distance, k1/k2/eps/min_samples; ``eps: auto`` chooses eps per set and round from the
   unlabelled distances, ``lf2core.cluster.labels.auto_eps`` with ``eps_rho``; the value used is in the
-  stats as ``eps``) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
+  stats as ``eps``, with ``eps_pairs_per_image`` = the share x (N - 1)) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
   ``kmeans_batch_size``, ``kmeans_max_iter``, ``kmeans_n_init``, seed ``cfg.seed + round_index``).
   k-means init_size: ``cfg.cluster.kmeans_init_size`` for ``global`` and ``round(init_size * 900/1500)``
   for the parts, the ratio of the released code (1500 global / 900 parts). ``ground_truth``: every set
@@ -101,6 +101,8 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
         s = cluster_stats(lab, true_ids=true_ids, camids=cams)
         if c.method == "dbscan":
             s["eps"] = round(chosen["eps"], 6)  # the value used (chosen from the data with eps=auto)
+            if "eps_rho" in chosen:
+                s["eps_pairs_per_image"] = round(chosen["eps_rho"] * (n - 1), 3)
         s["seconds"] = round(time.perf_counter() - t0, 3)
         stats[name] = s
         log.info("cluster %s: %d clusters, %.1f%% outliers (%.1fs)", name, s["num_clusters"],
