@@ -241,8 +241,10 @@ def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inpu
         params["round_index"] = round_index
     if any(p.name == "run_id" for p in st.params):
         params["run_id"] = tracking_run(run_id or "")
+    from components.launch import run_stage_function  # in-process, torchrun or TrainJob (as compiled)
+
     with failure_marks_run(run_id or ""):
-        result = st(cfg, *uris, *([out] if out else []), **params)
+        result = run_stage_function(st, cfg, config_yaml, uris, out, params)
     return cfg, out, result
 
 
