@@ -283,7 +283,6 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
     MLflow as the per-stage components do. Writes ``rounds/rounds.json`` (round -> stage -> location).
     Returns (the final model's location, the rounds' entries)."""
     from lf2core import kept_models
-    from lf2core.stages.rounds import StageRunner
     from lf2core.stages.table import FINETUNE
 
     setup_logging()
@@ -301,7 +300,9 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
         index.setdefault(f"{r:02d}", {})[name] = out
         log_round_output(name, out, r, run_id)
 
-    runner = StageRunner(cfg, after=after)
+    from components.launch import stage_runner  # the training stages as compiled (torchrun, TrainJob)
+
+    runner = stage_runner(cfg, config_yaml, after=after)
     location, entries = input_location(model), []
     with failure_marks_run(run_id or ""), kept_models.models_in_memory():
         for r in range(first_round, last + 1):

@@ -149,3 +149,35 @@ def run_stage_function(stage: Any, cfg: Any, config_yaml: str, uris: Sequence[st
     from lf2core.stages.rounds import stage_summary
 
     return stage_summary(stage.name, out)
+
+
+def stage_runner(cfg: Any, config_yaml: str, after: Any = None) -> Any:
+    """A ``lf2core.stages.rounds.StageRunner`` (the several-rounds task's runner) that launches the training
+    stages as compiled (``launch_mode``): such a stage's incomplete output is written by torchrun / a
+    TrainJob first, then the runner finds it complete and goes on as usual (MLflow logging, timing)."""
+    import time
+
+    from lf2core import storage
+    from lf2core.stages.rounds import StageRunner
+    from lf2core.stages.table import stage as table_stage
+
+    class LaunchingStageRunner(StageRunner):
+        def run(self, name: str, out: str, *inputs: str, round_index: Optional[int] = None, **params: Any) -> str:
+            mode, arg = launch_mode(name)
+            if mode != "in-process" and not storage.is_complete(out):
+                st = table_stage(name)
+                p = dict(params)
+                if round_index is not None and any(q.name == "round_index" for q in st.params):
+                    p["round_index"] = round_index
+                t0 = time.time()
+                if mode == "torchrun":
+                    run_torchrun(st, config_yaml, inputs, out, p, arg)
+                else:
+                    from components.trainjob import run_stage_trainjob
+
+                    run_stage_trainjob(arg, st, config_yaml, inputs, out, p)
+                key = name.split("-")[0]
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+            return super().run(name, out, *inputs, round_index=round_index, **params)
+
+    return LaunchingStageRunner(cfg, after=after)
