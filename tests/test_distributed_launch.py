@@ -113,3 +113,36 @@ def test_subprocess_env_drops_the_launch_switches(monkeypatch: pytest.MonkeyPatc
     env = launch.subprocess_env()
     assert launch.NPROC_ENV not in env and launch.TRAINJOB_ENV not in env  # a rank never relaunches itself
     assert Path(env["PYTHONPATH"].split(":")[0], "lf2core").is_dir()
+
+
+def test_real_extract_stage_under_torchrun_matches_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole launch path with the real ``lf2 extract`` (config written to a temp file, argv from the
+    stage table, output claimed and committed by the child, result read back from the output) under torchrun
+    with one process, against the stage function called in this process."""
+    import numpy as np
+    import torch
+
+    from lf2core.checkpoint import save_checkpoint
+    from lf2core.models import SourceModel
+    from lf2core.stages.extract import extract_features
+    from test_pretrain import make_tiny_data, tiny_cfg
+
+    data = make_tiny_data(tmp_path)
+    cfg = tiny_cfg("eval.batch_size=5")
+    torch.manual_seed(3)
+    src = SourceModel("resnet18_narrow", 6)
+    src.train()(torch.randn(8, 3, 32, 16))
+    save_checkpoint(str(tmp_path / "pre" / "model.pt"), src, "source", cfg)
+    st = stage("extract-features")
+    uris = [str(data), str(tmp_path / "pre")]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(launch, "launch_mode", lambda name, environ=None: ("torchrun", 1))
+    result = launch.run_stage_function(st, cfg, cfg.to_yaml(), uris, str(tmp_path / "feat-torchrun"),
+                                       {"split": "target_train"})
+    ref = extract_features(cfg, *uris, str(tmp_path / "feat-ref"))
+    assert result["images"] == ref["images"] == 24 and result["dim"] == ref["dim"]
+    a, b = np.load(tmp_path / "feat-torchrun" / "features.npz"), np.load(tmp_path / "feat-ref" / "features.npz")
+    for k in ("global", "upper", "lower"):
+        assert np.allclose(a[k], b[k], atol=1e-5)
+    assert a["pids"].tolist() == b["pids"].tolist()
+    assert not list(Path("/tmp").glob("lf2-launch-*/config.yaml"))  # the temp config is gone
