@@ -234,6 +234,7 @@ def run_trainjob(api: Any, namespace: str, manifest: dict[str, Any], output: str
     except Exception as e:  # connection refused, DNS, TLS
         raise Lf2Error(f"{where}: cannot reach the Kubernetes API ({type(e).__name__}: {_one_line(e)})") from None
     uid = created["metadata"].get("uid", "")
+    restore = _exit_on_sigterm()  # a cancelled run (SIGTERM to the pod) still deletes the TrainJob below
     log.info("%s created (%s nodes x %s processes, runtime %s)", where, manifest["spec"]["trainer"]["numNodes"],
              manifest["spec"]["trainer"]["numProcPerNode"], manifest["spec"]["runtimeRef"]["name"])
     try:
@@ -284,6 +285,23 @@ def run_trainjob(api: Any, namespace: str, manifest: dict[str, Any], output: str
         return output
     finally:
         _delete(api, namespace, name, uid, where)
+        restore()
+
+
+def _exit_on_sigterm() -> Any:
+    """Turn SIGTERM into SystemExit (so ``finally`` blocks run) until the returned function is called;
+    a no-op outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(f"TrainJob launcher: terminated (signal {signum})")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _delete(api: Any, namespace: str, name: str, uid: str, where: str) -> None:
