@@ -204,3 +204,54 @@ def test_sigterm_to_the_launcher_still_deletes_its_trainjob(tmp_path: Path) -> N
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "terminated (signal 15)" in out
     assert len(fake.deleted) == 1 and not fake.objects and " deleted" in out
+
+
+def test_finetune_component_in_nodes_mode_runs_as_a_trainjob(tmp_path: Path, s3_env: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The component side end to end: ``_runtime.run_stage`` of a task compiled with ``--nodes`` creates the
+    TrainJob (API on 127.0.0.1), the 'pods' (the server's hook) commit the output in S3 (moto on
+    127.0.0.1), and the stage's result is read back from there; without an s3:// object_prefix nothing is
+    created."""
+    import shlex
+    from types import SimpleNamespace
+
+    from components import _runtime as rt
+    from lf2core.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    prefix = f"s3://{s3_env}/runs"
+    config_yaml = load_config("demo").to_yaml()
+    seen: dict = {}
+
+    def pods(obj: dict) -> None:  # what the TrainJob's nodes do: run the stage command, commit the output
+        script = obj["spec"]["trainer"]["command"][2]
+        argv = shlex.split(script.split("exec torchrun -m lf2core.cli ", 1)[1])
+        seen["argv"] = argv
+        seen["config"] = {e["name"]: e.get("value") for e in obj["spec"]["trainer"]["env"]}["LF2_CONFIG_YAML"]
+        with storage.output_dir(argv[argv.index("--out") + 1], "finetune") as d:
+            (Path(d) / "metrics.json").write_text(json.dumps({"final": {"loss": 1.25, "steps": 40}}))
+
+    def art(name: str, uri: str = "") -> SimpleNamespace:
+        return SimpleNamespace(path=str(tmp_path / name), metadata={"lf2_uri": uri} if uri else {})
+
+    inputs = {"data": art("d", f"{prefix}/prepare-data/k1"), "labels": art("l", f"{prefix}/cluster/k2"),
+              "model": art("m", f"{prefix}/pretrain-source/k3")}
+    fake = FakeKube([(0.2, RUNNING, None), (0.3, _done("Complete"), pods)])
+    with fake as url:
+        monkeypatch.setenv("LF2_KUBE_API", url)
+        monkeypatch.setenv("LF2_TRAINJOB", TrainJobSettings(nodes=2, procs_per_node=1, image="img", gpus_per_node=0,
+                                                            namespace=NS, watch_s=5).to_json())
+        _, out, result = rt.run_stage("finetune", config_yaml, prefix, art("finetuned"), inputs, run_id="",
+                                      round_index=1)
+        assert out.startswith(f"{prefix}/finetune/") and storage.is_complete(out)
+        assert result == {"loss": 1.25, "steps": 40}
+        assert seen["config"] == config_yaml
+        assert seen["argv"] == ["finetune", "--config", "/tmp/lf2-config.yaml", "--data", f"{prefix}/prepare-data/k1",
+                                "--labels", f"{prefix}/cluster/k2", "--model", f"{prefix}/pretrain-source/k3",
+                                "--out", out, "--round", "1"]
+        assert len(fake.deleted) == 1 and not fake.objects
+        n_requests = len(fake.requests)
+        with pytest.raises(Lf2Error, match="pipeline parameter 'object_prefix' is empty or not s3://"):
+            rt.run_stage("finetune", config_yaml, "", art("finetuned2"), inputs, run_id="", round_index=1)
+        assert len(fake.requests) == n_requests
