@@ -115,10 +115,12 @@ def test_subprocess_env_drops_the_launch_switches(monkeypatch: pytest.MonkeyPatc
     assert Path(env["PYTHONPATH"].split(":")[0], "lf2core").is_dir()
 
 
+@pytest.mark.slow
 def test_real_extract_stage_under_torchrun_matches_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole launch path with the real ``lf2 extract`` (config written to a temp file, argv from the
     stage table, output claimed and committed by the child, result read back from the output) under torchrun
-    with one process, against the stage function called in this process."""
+    with one process, from a single-stage task (``run_stage_function``) and from a several-rounds task's
+    runner (``stage_runner``), against the stage function called in this process."""
     import numpy as np
     import torch
 
@@ -146,3 +148,11 @@ def test_real_extract_stage_under_torchrun_matches_in_process(tmp_path: Path, mo
         assert np.allclose(a[k], b[k], atol=1e-5)
     assert a["pids"].tolist() == b["pids"].tolist()
     assert not list(Path("/tmp").glob("lf2-launch-*/config.yaml"))  # the temp config is gone
+    # the several-rounds task's runner: launched, then found complete and reported like an in-process stage
+    seen = []
+    runner = launch.stage_runner(cfg, cfg.to_yaml(), after=lambda name, r, out: seen.append((name, r, out)))
+    out = str(tmp_path / "feat-runner")
+    assert runner.run("extract-features", out, *uris, round_index=0) == out
+    assert seen == [("extract-features", 0, out)] and runner.seconds["extract"] > 0
+    c = np.load(Path(out) / "features.npz")
+    assert all(np.allclose(c[k], b[k], atol=1e-5) for k in ("global", "upper", "lower"))
