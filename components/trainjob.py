@@ -240,9 +240,10 @@ def run_trainjob(api: Any, namespace: str, manifest: dict[str, Any], output: str
     try:
         obj, rv, last = created, created["metadata"].get("resourceVersion", ""), ""
         while True:
-            if condition(obj, "Failed"):
-                c = condition(obj, "Failed") or {}
-                raise Lf2Error(f"{where} failed ({c.get('reason', '')}: {' '.join(str(c.get('message', '')).split())[:300]})")
+            failed = condition(obj, "Failed")
+            if failed:
+                message = " ".join(str(failed.get("message", "")).split())[:300]
+                raise Lf2Error(f"{where} failed ({failed.get('reason', '')}: {message})")
             if condition(obj, "Complete"):
                 break
             left = timeout_s - (time.monotonic() - t0)

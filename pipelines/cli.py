@@ -202,7 +202,8 @@ def _compile(args: argparse.Namespace) -> int:
                      rounds_per_task=args.rounds_per_task, nodes=args.nodes or 0)
     dist = f", TrainJobs of {args.nodes} nodes x {max(args.gpus, 1)} processes" if args.nodes else \
         (f", torchrun x {args.gpus}" if args.gpus > 1 else "")
-    print(f"wrote {args.out} ({args.target}, {rounds} rounds, {args.rounds_per_task} per task{dist}, image {args.image})")
+    print(f"wrote {args.out} ({args.target}, {rounds} rounds, {args.rounds_per_task} per task{dist}, "
+          f"image {args.image})")
     return 0
 
 

@@ -55,7 +55,7 @@ def test_kubeflow_yaml_has_stages_gpus_and_secrets(tmp_path: Path) -> None:
     assert len(gpu_execs) == 3 * 2 + 2  # extract + finetune per round, pretrain, evaluate
     for c in gpu_execs:
         acc = c["resources"]["accelerator"]
-        assert acc["resourceType"] == "nvidia.com/gpu" and int(acc["resourceCount"]) == 1  # --gpus 2: test_distributed_compile.py
+        assert acc["resourceType"] == "nvidia.com/gpu" and int(acc["resourceCount"]) == 1
         assert c["resources"]["resourceCpuRequest"] == "4" and c["resources"]["resourceMemoryRequest"] == "16G"
     cluster_exec = execs[spec["components"]["comp-cluster"]["executorLabel"]]["container"]
     assert "accelerator" not in cluster_exec["resources"]
