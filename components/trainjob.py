@@ -23,7 +23,8 @@ How things reach the pods:
 - stage inputs and the output as s3:// URIs: TrainJob pods cannot write the KFP artifact path, so the
   pipeline parameter ``object_prefix`` must be an s3:// prefix (``check_output_location``).
 
-This module never imports kfp.
+The Kubernetes API: the pod's service account (in-cluster config), else ~/.kube/config; the URL in
+``LF2_KUBE_API`` instead when set (tests). This module never imports kfp.
 """
 
 from __future__ import annotations
