@@ -241,8 +241,10 @@ def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inpu
         params["round_index"] = round_index
     if any(p.name == "run_id" for p in st.params):
         params["run_id"] = tracking_run(run_id or "")
+    from components.launch import run_stage_function  # in-process, torchrun or TrainJob (as compiled)
+
     with failure_marks_run(run_id or ""):
-        result = st(cfg, *uris, *([out] if out else []), **params)
+        result = run_stage_function(st, cfg, config_yaml, uris, out, params)
     return cfg, out, result
 
 
@@ -281,7 +283,6 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
     MLflow as the per-stage components do. Writes ``rounds/rounds.json`` (round -> stage -> location).
     Returns (the final model's location, the rounds' entries)."""
     from lf2core import kept_models
-    from lf2core.stages.rounds import StageRunner
     from lf2core.stages.table import FINETUNE
 
     setup_logging()
@@ -299,7 +300,9 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
         index.setdefault(f"{r:02d}", {})[name] = out
         log_round_output(name, out, r, run_id)
 
-    runner = StageRunner(cfg, after=after)
+    from components.launch import stage_runner  # the training stages as compiled (torchrun, TrainJob)
+
+    runner = stage_runner(cfg, config_yaml, after=after)
     location, entries = input_location(model), []
     with failure_marks_run(run_id or ""), kept_models.models_in_memory():
         for r in range(first_round, last + 1):

@@ -1,10 +1,14 @@
 """``lf2 pipeline compile | run | submit``, and the ``lf2`` console script (``lf2_main``).
 
     lf2 pipeline compile --out lf2.yaml [--target local|kubeflow] [--gpus N] [--image IMG] [-c RECIPE] [--rounds N]
-                         [--rounds-per-task K]
+                         [--rounds-per-task K] [--nodes M]
     lf2 pipeline run --out runs/p1 [-c RECIPE] [-s key=value ...] [--object-prefix s3://b/p] [--experiment E]
                      [--runner subprocess|docker] [--image IMG] [--rounds-per-task K]
     lf2 pipeline submit --host URL [--package lf2.yaml | -c RECIPE ...] [--experiment E] [--run-name N]
+                        [--gpus N] [--nodes M]
+
+``--gpus N`` > 1 runs the training stages under torchrun with N processes in their pod; ``--nodes M`` runs
+them as Kubeflow Trainer TrainJobs of M nodes (docs/distributed-pipeline.md).
 
 ``run --runner docker`` runs every component in the project image (``make images``) through
 ``kfp.local.DockerRunner``, with host networking, as the image's non-root user; the S3 and MLflow
@@ -195,8 +199,11 @@ def _compile(args: argparse.Namespace) -> int:
 
     rounds = _rounds(args)
     compile_pipeline(args.out, rounds, image=args.image, target=args.target, gpus=args.gpus, retries=args.retries,
-                     rounds_per_task=args.rounds_per_task)
-    print(f"wrote {args.out} ({args.target}, {rounds} rounds, {args.rounds_per_task} per task, image {args.image})")
+                     rounds_per_task=args.rounds_per_task, nodes=args.nodes or 0)
+    dist = f", TrainJobs of {args.nodes} nodes x {max(args.gpus, 1)} processes" if args.nodes else \
+        (f", torchrun x {args.gpus}" if args.gpus > 1 else "")
+    print(f"wrote {args.out} ({args.target}, {rounds} rounds, {args.rounds_per_task} per task{dist}, "
+          f"image {args.image})")
     return 0
 
 
@@ -220,11 +227,14 @@ def _submit(args: argparse.Namespace) -> int:
 
     package = args.package
     tmp = None
+    if args.nodes and not (args.object_prefix or "").startswith("s3://"):
+        raise Lf2Error("--object-prefix: --nodes runs the training stages as TrainJobs, whose pods write their "
+                       "outputs to object storage; give an s3:// prefix")
     if not package:
         tmp = tempfile.NamedTemporaryFile(suffix=".yaml", delete=False)
         package = tmp.name
         compile_pipeline(package, _rounds(args), image=args.image, target="kubeflow", gpus=args.gpus,
-                         retries=args.retries, rounds_per_task=args.rounds_per_task)
+                         retries=args.retries, rounds_per_task=args.rounds_per_task, nodes=args.nodes or 0)
     token = os.environ.get("KFP_TOKEN") or None
     params = pipeline_arguments(args)
     try:
@@ -244,6 +254,8 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+NODES_HELP = ("run the training stages as Kubeflow Trainer v2.1 TrainJobs (runtime torch-distributed) of M nodes "
+              "x max(--gpus, 1) processes; needs object_prefix=s3://... (docs/distributed-pipeline.md)")
 PIPELINE_HELP = ("Compile the LF2 pipeline for Kubeflow, run it locally (kfp.local), or submit it to a Kubeflow "
                  "Pipelines endpoint.")
 
@@ -289,7 +301,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     cfg_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--target", choices=["local", "kubeflow"], default="kubeflow")
-    p.add_argument("--gpus", type=at_least(0), default=1, help="GPUs per training task (kubeflow target)")
+    p.add_argument("--gpus", type=at_least(0), default=1,
+                   help="GPUs per training task (kubeflow target); N > 1 runs the training stages under torchrun "
+                        "with N processes (with --nodes: GPUs and processes per node)")
+    p.add_argument("--nodes", type=at_least(1), default=None, metavar="M", help=NODES_HELP)
     p.add_argument("--rounds", type=at_least(1), default=None, help="rounds to unroll (default: finetune.rounds)")
     p.add_argument("--retries", type=at_least(0), default=None, help="retries per task (default 2 kubeflow, 0 local)")
     p.set_defaults(func=_compile)
@@ -309,7 +324,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--namespace", default=None)
     p.add_argument("--package", default=None, help="compiled YAML (default: compile now for kubeflow)")
     p.add_argument("--kfp-experiment", default="lf2", help="KFP experiment name")
-    p.add_argument("--gpus", type=at_least(0), default=1)
+    p.add_argument("--gpus", type=at_least(0), default=1, help="GPUs (= torchrun processes) per training task")
+    p.add_argument("--nodes", type=at_least(1), default=None, metavar="M", help=NODES_HELP)
     p.add_argument("--rounds", type=at_least(1), default=None)
     p.add_argument("--retries", type=at_least(0), default=None)
     p.set_defaults(func=_submit)

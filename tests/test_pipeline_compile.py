@@ -25,7 +25,7 @@ def _tasks(spec: dict) -> dict:
 
 def test_kubeflow_yaml_has_stages_gpus_and_secrets(tmp_path: Path) -> None:
     out = tmp_path / "lf2.yaml"
-    assert pipeline_main(["compile", "--out", str(out), "--target", "kubeflow", "--gpus", "2", "--image",
+    assert pipeline_main(["compile", "--out", str(out), "--target", "kubeflow", "--gpus", "1", "--image",
                           "registry.example/lf2:test", "-c", "demo", "--rounds", "3"]) == 0
     spec, platform = _load(out)
     tasks = _tasks(spec)
@@ -55,7 +55,7 @@ def test_kubeflow_yaml_has_stages_gpus_and_secrets(tmp_path: Path) -> None:
     assert len(gpu_execs) == 3 * 2 + 2  # extract + finetune per round, pretrain, evaluate
     for c in gpu_execs:
         acc = c["resources"]["accelerator"]
-        assert acc["resourceType"] == "nvidia.com/gpu" and int(acc["resourceCount"]) == 2
+        assert acc["resourceType"] == "nvidia.com/gpu" and int(acc["resourceCount"]) == 1
         assert c["resources"]["resourceCpuRequest"] == "4" and c["resources"]["resourceMemoryRequest"] == "16G"
     cluster_exec = execs[spec["components"]["comp-cluster"]["executorLabel"]]["container"]
     assert "accelerator" not in cluster_exec["resources"]
