@@ -191,6 +191,13 @@ class TrackingConfig:
 
 
 @dataclass
+class DistributedConfig:  # torchrun / WORLD_SIZE > 1 (docs/distributed.md)
+    timeout_s: float = _f(1800.0, gt=0)  # every collective and barrier; then one error line naming the rank
+    backend: str = _f("auto", choices=("auto", "nccl", "gloo"))  # auto: nccl on CUDA, gloo on CPU
+    per_image_seeds: bool = False  # pretrain in ONE process seeded per image as N processes (equivalence)
+
+
+@dataclass
 class Config:
     recipe: str = "custom"
     seed: int = _f(1, ge=0)
@@ -206,6 +213,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -240,3 +240,32 @@ def batch_sampler(kind: str, labels: Sequence[int] | np.ndarray, camids: Sequenc
     if kind == "released":
         return ReleasedBatchSampler(labels, camids, batch_size, num_instances, num_batches, seed)
     raise ValueError(f"sampler: unknown kind {kind!r} (expected one of {', '.join(SAMPLERS)})")
+
+
+class RankSlice:
+    """This rank's contiguous slice of every batch of ``base`` (a batch sampler, or any iterable of lists)
+    under data parallelism: rank ``rank`` of ``world_size`` takes items ``[rank*b, (rank+1)*b)`` of each
+    global batch of ``world_size*b`` items, so the slices in rank order are the one-process batch.
+    Every rank builds the same global batches (same seed); ``DataError`` for a batch that does not split
+    evenly. ``set_epoch`` is passed on."""
+
+    def __init__(self, base: Any, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise DataError(f"sampler: rank {rank} outside 0..{world_size - 1}")
+        self.base = base
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list]:
+        for batch in self.base:
+            b, rest = divmod(len(batch), self.world_size)
+            if rest:
+                raise DataError(f"sampler: a batch of {len(batch)} images does not split over {self.world_size} "
+                                f"processes; use a batch_size divisible by WORLD_SIZE")
+            yield list(batch[self.rank * b:(self.rank + 1) * b])

@@ -17,21 +17,32 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 from .. import artifacts, storage
 from ..artifacts import feature_names  # noqa: F401  (the names of features.npz, defined with the file)
 from ..config import Config
 from ..errors import DataError
 from ..features import extract
-from ..runtime import DevicePolicy
+from ..distributed import Dist, device_policy, setup
 from .table import EXTRACT
 
 log = logging.getLogger(__name__)
 
 
-def extract_features(cfg: Config, data: str, model: str, out: str, split: str = "target_train") -> dict[str, Any]:
-    """Write ``out/features.npz`` (+ ``meta.json``) for ``split``; return counts and throughput."""
+def extract_features(cfg: Config, data: str, model: str, out: str, split: str = "target_train"
+                     ) -> Optional[dict[str, Any]]:
+    """Write ``out/features.npz`` (+ ``meta.json``) for ``split``; return counts and throughput.
+
+    Started by torchrun (``WORLD_SIZE`` > 1): every rank extracts its contiguous shard of the split
+    (``Dist.shard``), rank 0 gathers the shards in rank order (= manifest order) and writes; the other
+    ranks return None."""
+    d = setup(cfg, EXTRACT)
+    with d.guard("extract"):
+        return _extract_features(cfg, data, model, out, split, d)
+
+
+def _extract_features(cfg: Config, data: str, model: str, out: str, split: str, d: Dist) -> Optional[dict[str, Any]]:
     from ..data.loaders import test_loader
     from ..data.transforms import test_transform
 
@@ -40,16 +51,24 @@ def extract_features(cfg: Config, data: str, model: str, out: str, split: str = 
         raise DataError(f"{data}: split '{split}' is empty")
     source = artifacts.read_model(cfg, model)
     kind = source.kind
-    policy = DevicePolicy.from_config(cfg)
+    policy = device_policy(cfg, d)
     device = policy.device
     mt = policy.model(source.mean_teacher()).eval()
     names = feature_names(mt.student.num_parts)
-    loader = test_loader(samples, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size,
+    lo, hi = d.shard(len(samples))
+    if hi <= lo:
+        raise DataError(f"{data}: split '{split}' has {len(samples)} images, fewer than WORLD_SIZE={d.world_size}")
+    loader = test_loader(samples[lo:hi], test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size,
                          cfg.data.num_workers)
     t0 = time.time()
-    feats = extract(mt.fusion_features, loader, device, flip=True, amp=cfg.amp, names=names,
-                    desc=f"extract {split}")
+    part = extract(mt.fusion_features, loader, device, flip=True, amp=cfg.amp, names=names,
+                   desc=f"extract {split}")
+    gathered = d.gather_rows(part)
     secs = time.time() - t0
+    if gathered is None:  # not rank 0
+        d.barrier("features written by rank 0")
+        return None
+    feats = gathered
     n = len(samples)
     if len(feats["pids"]) != n:
         raise DataError(f"{data}: extracted {len(feats['pids'])} rows for {n} images of '{split}'")
@@ -69,4 +88,5 @@ def extract_features(cfg: Config, data: str, model: str, out: str, split: str = 
                                  meta)
     log.info("extracted %d x %d fusion features of %s (%s model) in %.1fs (%.0f img/s)", n, meta["dim"], split,
              kind, secs, meta["images_per_s"])
+    d.barrier("features written by rank 0")
     return {"images": n, "dim": meta["dim"], "seconds": meta["seconds"], "images_per_s": meta["images_per_s"]}

@@ -44,9 +44,9 @@ from tqdm import tqdm
 from .. import artifacts, kept_models, storage
 from ..checkpoint import TrainingState, fingerprint
 from ..config import Config
+from ..distributed import Dist, device_policy, setup
 from ..errors import DataError
 from ..features import progress_enabled
-from ..runtime import DevicePolicy
 from ..training import Round, StepSettings, global_step, start_round, train_round
 from .table import FINETUNE
 
@@ -60,7 +60,7 @@ def work_dir(out: str) -> str:
     return TrainingState(out, FINETUNE, "").work
 
 
-def _key(cfg: Config, labels: artifacts.PseudoLabels, model: str, round_index: int) -> str:
+def _key(cfg: Config, labels: artifacts.PseudoLabels, model: str, round_index: int, world_size: int = 1) -> str:
     """Resume only a state made from the same labels, input model and training config."""
     blobs = [labels.raw]
     for name, digest in artifacts.model_digests(model):
@@ -70,6 +70,8 @@ def _key(cfg: Config, labels: artifacts.PseudoLabels, model: str, round_index: i
     relevant["cluster.outliers"] = d["cluster"]["outliers"]
     relevant["data"] = {k: d["data"][k] for k in ("height", "width")}
     relevant["round"] = int(round_index)
+    if world_size > 1:  # per-rank BN: N processes follow another trajectory than one
+        relevant["world_size"] = int(world_size)
     return fingerprint(relevant, blobs)
 
 
@@ -97,7 +99,18 @@ def finetune(
     teacher/Fuse forwards only in the last ``training.teacher_tail`` iterations of the round, the only ones
     whose effect on the teacher's and Fuse's BN running statistics survives to float32 precision (their
     only effect in the paper recipe); the student, the EMA and the loss are untouched by this.
+
+    Started by torchrun (``WORLD_SIZE`` > 1, ``lf2core.distributed``): data parallel over the ranks, rank 0
+    writes the state and the output, the other ranks return None (docs/distributed.md).
     """
+    d = setup(cfg, FINETUNE)
+    with d.guard("finetune"):
+        return _finetune(cfg, data, labels, model, out, round_index, d, checkpoint_every=checkpoint_every,
+                         fast=fast, teacher_tail_only=teacher_tail_only)
+
+
+def _finetune(cfg: Config, data: str, labels: str, model: str, out: str, round_index: int, d: Dist, *,
+              checkpoint_every: Optional[int], fast: bool, teacher_tail_only: bool) -> Optional[dict[str, Any]]:
     settings = StepSettings.from_config(cfg.finetune)
     variant = settings.method
     if checkpoint_every is None:
@@ -120,10 +133,13 @@ def finetune(
                             f"model's features have {mt.student.out_channels}")
         return mt
 
-    policy = DevicePolicy.from_config(cfg)
-    state = TrainingState(out, FINETUNE, _key(cfg, pl, model, round_index))
+    if cfg.finetune.batch_size % d.world_size:
+        raise DataError(f"config key 'finetune.batch_size': {cfg.finetune.batch_size} does not split over "
+                        f"WORLD_SIZE={d.world_size} processes")
+    policy = device_policy(cfg, d)
+    state = TrainingState(out, FINETUNE, _key(cfg, pl, model, round_index, d.world_size))
     rnd = Round(samples, [pl.sets[n] for n in variant.label_sets], pl.num_classes, round_index)
-    ft, start = start_round(cfg, settings, rnd, load_model, pl.centroids, state, policy, fast)
+    ft, start = start_round(cfg, settings, rnd, load_model, pl.centroids, state, policy, fast, d)
     f = cfg.finetune
     log.info("finetune round %d (%s, %d global classes, %d label sets, device %s): epochs %d..%d x %d iters",
              round_index, settings.variant, rnd.num_classes, len(rnd.label_sets), policy.device, start.epoch,
@@ -141,6 +157,9 @@ def finetune(
     if rnd.history:
         final.update({k: v for k, v in rnd.history[-1].items() if k != "epoch"})
     mt = ft.mt.to("cpu").to(memory_format=torch.contiguous_format)
+    if not d.main:
+        d.barrier("finetune output written by rank 0")
+        return None
     with storage.output_dir(out, FINETUNE) as tmp:
         artifacts.write_mean_teacher(tmp, mt, cfg, extra={
             "variant": settings.variant, "round": int(round_index), "global_step": final["global_step"],
@@ -149,4 +168,5 @@ def finetune(
         digests = artifacts.model_digests(str(tmp)) if kept_models.keeping_models() else []
     state.release()
     kept_models.keep_model(out, mt, digests)  # several rounds in one process: the next stages skip re-reading it
+    d.barrier("finetune output written by rank 0")
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}

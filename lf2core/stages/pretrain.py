@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 from .. import artifacts, storage
 from ..checkpoint import TrainingState, fingerprint
 from ..config import Config
+from ..distributed import Dist, device_policy, setup
 from ..errors import DataError
-from ..runtime import DevicePolicy
 from ..training.pretrainer import Pretrainer, SourceData, evaluate, lr_factor  # noqa: F401
 from .table import PRETRAIN
 
@@ -51,11 +51,14 @@ def work_dir(out: str) -> str:
     return TrainingState(out, PRETRAIN, "").work
 
 
-def _config_key(cfg: Config) -> str:
+def _config_key(cfg: Config, world_size: int = 1) -> str:
     """Fingerprint of everything that shapes the training trajectory (resume only with the same)."""
     d = cfg.to_dict()
     relevant = {k: d[k] for k in ("seed", "data", "model", "pretrain")}
     relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("cache_dir",)}
+    if world_size > 1 or cfg.distributed.per_image_seeds:  # another augmentation seeding / BN split
+        relevant["world_size"] = int(world_size)
+        relevant["per_image_seeds"] = True
     return fingerprint(relevant)
 
 
@@ -82,14 +85,29 @@ def _source_data(cfg: Config, data: str) -> SourceData:
 
 def pretrain_source(cfg: Config, data: str, out: str) -> dict[str, Any]:
     """Train the source model; write ``out/model.pt`` and ``out/metrics.json`` (per-epoch history: loss
-    terms, learning rate and, on evaluation epochs, source ``mAP``/``R1``..); return final metrics."""
+    terms, learning rate and, on evaluation epochs, source ``mAP``/``R1``..); return final metrics.
+
+    Started by torchrun (``WORLD_SIZE`` > 1, ``lf2core.distributed``): data parallel over the ranks, rank 0
+    evaluates and writes, the other ranks return None (docs/distributed.md)."""
+    d = setup(cfg, PRETRAIN)
+    with d.guard("pretrain"):
+        return _pretrain_source(cfg, data, out, d)
+
+
+def _pretrain_source(cfg: Config, data: str, out: str, d: Dist) -> Optional[dict[str, Any]]:
     p = cfg.pretrain
+    if p.batch_size % d.world_size:
+        raise DataError(f"config key 'pretrain.batch_size': {p.batch_size} does not split over WORLD_SIZE="
+                        f"{d.world_size} processes")
     src = _source_data(cfg, data)
-    policy = DevicePolicy.from_config(cfg)
-    trainer = Pretrainer(cfg, src, policy)
-    state = TrainingState(out, PRETRAIN, _config_key(cfg))
+    policy = device_policy(cfg, d)
+    trainer = Pretrainer(cfg, src, policy, d)
+    state = TrainingState(out, PRETRAIN, _config_key(cfg, d.world_size))
     t0 = time.time()
     trainer.train(state)
+    if not d.main:
+        d.barrier("pretrain output written by rank 0")
+        return None
     final: dict[str, Any] = {"epochs": p.epochs, "num_source_ids": src.num_classes,
                              "train_seconds": time.time() - t0}
     if trainer.history:
@@ -115,4 +133,5 @@ def pretrain_source(cfg: Config, data: str, out: str) -> dict[str, Any]:
             "metrics": {k: float(v) for k, v in final.items()}})
         artifacts.write_metrics(tmp, final, trainer.history)
     state.release()
+    d.barrier("pretrain output written by rank 0")
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in final.items()}

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint import TrainingState
+from ..distributed import Dist, DistributedError
 from ..models.teacher import MeanTeacher
 from ..runtime import DevicePolicy
 from .loaders import round_loaders
@@ -36,7 +37,13 @@ class Finetuner:
     ``reference_step``."""
 
     def __init__(self, mt: MeanTeacher, settings: StepSettings, num_classes: int, lr: float, weight_decay: float,
-                 policy: DevicePolicy, *, fast: bool = True) -> None:
+                 policy: DevicePolicy, *, fast: bool = True, dist: Dist = Dist()) -> None:
+        if dist.active and not fast:
+            raise ValueError("finetune: the reference step (fast=False) runs in one process only")
+        if dist.active and settings.fusion_loss_weight > 0:
+            raise DistributedError(f"{dist.where()}: config key 'finetune.fusion_loss_weight' > 0 is not supported "
+                                   "with WORLD_SIZE > 1 (run it in one process)")
+        self.dist = dist
         self.mt = mt
         self.settings = settings
         self.crit = Criteria(num_classes, settings.label_smoothing)
@@ -60,6 +67,7 @@ class Finetuner:
             return fast_step(
                 self.mt, optimizer, batches, step, self.crit, self.settings, channels_last=self.policy.channels_last,
                 autocast_dtype=self.autocast_dtype, scaler=self.scaler, teacher_pass=teacher_pass,
+                dist=self.dist if self.dist.active else None,
             )
         return reference_step(self.mt, optimizer, batches, step, self.crit, self.settings)
 
@@ -130,16 +138,18 @@ class _Progress:
 
 
 def start_round(cfg: Any, settings: StepSettings, rnd: Round, mt_fn: Callable[[], MeanTeacher], centroids: np.ndarray,
-                state: TrainingState, policy: DevicePolicy, fast: bool) -> tuple[Finetuner, _Progress]:
+                state: TrainingState, policy: DevicePolicy, fast: bool, dist: Dist = Dist()) -> tuple[Finetuner, _Progress]:
     """The round's ``Finetuner`` and starting point: resumed from ``state`` when it holds this run's
     state (classifier size from the labels, weights and Adam from the state), else the model of
-    ``mt_fn()`` with the classifier of student and teacher := ``centroids``."""
+    ``mt_fn()`` with the classifier of student and teacher := ``centroids``. Data parallel: every rank
+    loads the same state (``DistributedError`` if the ranks disagree on where to resume)."""
     f = cfg.finetune
 
     def build(mt: MeanTeacher, c: np.ndarray) -> Finetuner:
         mt.reset_classifier(torch.as_tensor(c))
-        return Finetuner(mt, settings, rnd.num_classes, f.lr, f.weight_decay, policy, fast=fast)
+        return Finetuner(mt, settings, rnd.num_classes, f.lr, f.weight_decay, policy, fast=fast, dist=dist)
 
+    found: tuple[Finetuner, _Progress] | None = None
     if state.exists():
         ft = build(mt_fn(), np.zeros((rnd.num_classes, centroids.shape[1]), np.float32))
         opt = ft.new_optimizer()
@@ -147,8 +157,11 @@ def start_round(cfg: Any, settings: StepSettings, rnd: Round, mt_fn: Callable[[]
         if info is not None:
             extra = info["extra"]
             rnd.history[:] = list(extra.get("history", []))
-            return ft, _Progress(info["epoch"], int(extra.get("iteration", 0)), dict(extra.get("sums", {})), opt)
-    return build(mt_fn(), centroids), _Progress()
+            found = ft, _Progress(info["epoch"], int(extra.get("iteration", 0)), dict(extra.get("sums", {})), opt)
+    if found is None:
+        found = build(mt_fn(), centroids), _Progress()
+    dist.check_same((found[1].epoch, found[1].iteration), "the resume point (epoch, iteration) of the state")
+    return found
 
 
 def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, start: _Progress, state: TrainingState,
@@ -165,6 +178,8 @@ def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, sta
         tail = teacher_tail(ft.mt, len(rnd.label_sets))
 
     def save(epoch: int, iteration: int, optimizer: torch.optim.Optimizer, sums: dict[str, float]) -> None:
+        if not ft.dist.main:  # every rank holds the same state (Finetuner): rank 0 writes it
+            return
         state.save(ft.mt, optimizer, None, epoch, iteration=iteration, sums=sums, history=rnd.history,
                    num_classes=rnd.num_classes)
 
@@ -174,7 +189,8 @@ def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, sta
         optimizer = start.optimizer if resumed_mid else ft.new_optimizer()
         first = start.iteration if epoch == start.epoch else 0
         loaders = round_loaders(rnd.samples, rnd.label_sets, tf, f.batch_size, f.num_instances, iters, cfg.seed,
-                                rnd.index, epoch, start=first, num_workers=cfg.data.num_workers, sampler=f.sampler)
+                                rnd.index, epoch, start=first, num_workers=cfg.data.num_workers, sampler=f.sampler,
+                                shard=(ft.dist.rank, ft.dist.world_size))
         bar = progress(total=iters, initial=first, desc=f"finetune r{rnd.index} e{epoch + 1}/{E}")
         t0 = time.time()
         metrics = ft.run_epoch(

@@ -64,16 +64,19 @@ def round_loaders(
     start: int = 0,
     num_workers: int = 0,
     sampler: str = "balanced",
+    shard: tuple[int, int] = (0, 1),
 ) -> list[DataLoader]:
     """One loader per label set for ``epoch`` of ``round_index``, from batch ``start``: identity-balanced
     P x K batches (``sampler="balanced"``) or the released code's sampling (``"released"``,
     ``lf2core.data.samplers.ReleasedBatchSampler``).
 
     The batches (identities, images, augmentation) are a function of (seed, round, epoch, label set,
-    batch number) only.
+    batch number) only. ``shard=(rank, world_size)``: this rank's contiguous slice of every batch
+    (``lf2core.data.samplers.RankSlice``, taken after the per-image seeds are drawn: the slices of all ranks
+    are the one-process batch, augmentation included).
     """
     from ..data.loaders import ImageDataset
-    from ..data.samplers import batch_sampler
+    from ..data.samplers import RankSlice, batch_sampler
 
     camids = np.fromiter((s.camid for s in samples), dtype=np.int64, count=len(samples))
     loaders = []
@@ -81,7 +84,9 @@ def round_loaders(
         sampler_seed = int(np.random.SeedSequence(_seed_words(seed, round_index, k, 17)).generate_state(1)[0])
         base = batch_sampler(sampler, labels, camids, batch_size, num_instances, iters_per_epoch, sampler_seed)
         base.set_epoch(epoch)
-        seeded = SeededBatchSampler(base, (seed, round_index, epoch, k, 29), start)
+        seeded: Any = SeededBatchSampler(base, (seed, round_index, epoch, k, 29), start)
+        if shard[1] > 1:
+            seeded = RankSlice(seeded, *shard)
         ds = SeededDataset(ImageDataset(samples, transform, labels))
         loaders.append(
             DataLoader(ds, batch_sampler=seeded, num_workers=num_workers, pin_memory=torch.cuda.is_available())

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from ..checkpoint import TrainingState
+from ..distributed import Dist
 from ..features import evaluate_samples, progress_enabled
 from ..losses import CrossEntropyLabelSmooth, triplet_loss
 from ..models import SourceModel
@@ -46,15 +47,30 @@ def build(cfg: Any, num_classes: int, policy: DevicePolicy) -> tuple[SourceModel
     return model, optimizer, scheduler
 
 
-def source_loader(cfg: Any, samples: list, labels: np.ndarray, epoch: int) -> DataLoader:
+def source_loader(cfg: Any, samples: list, labels: np.ndarray, epoch: int,
+                  shard: Optional[tuple[int, int]] = None) -> DataLoader:
     """The source batches of ``epoch``: ``pretrain.sampler`` balanced (``data.loaders.train_loader``) or
-    released (``data.samplers.ReleasedBatchSampler``, the same loader otherwise)."""
+    released (``data.samplers.ReleasedBatchSampler``, the same loader otherwise).
+
+    ``shard=(rank, world_size)`` (data parallel, or ``distributed.per_image_seeds`` with (0, 1)): the same
+    batches of indices, every image's augmentation seeded by (seed, epoch, batch, position)
+    (``training.loaders.SeededBatchSampler``), and this rank's contiguous slice of each batch."""
     from ..data.loaders import ImageDataset, train_loader
-    from ..data.samplers import ReleasedBatchSampler
+    from ..data.samplers import RankSlice, ReleasedBatchSampler, batch_sampler
     from ..data.transforms import train_transform
+    from .loaders import SeededBatchSampler, SeededDataset
 
     p = cfg.pretrain
     tf = train_transform(cfg.data.height, cfg.data.width, random_erasing=0.0)
+    if shard is not None:
+        camids = np.fromiter((s.camid for s in samples), dtype=np.int64, count=len(samples))
+        base = batch_sampler(p.sampler, labels, camids, p.batch_size, p.num_instances, p.iters_per_epoch, cfg.seed)
+        base.set_epoch(epoch)
+        seeded: Any = SeededBatchSampler(base, (cfg.seed, epoch, 31))
+        if shard[1] > 1:
+            seeded = RankSlice(seeded, *shard)
+        return DataLoader(SeededDataset(ImageDataset(samples, tf, labels)), batch_sampler=seeded,
+                          num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     if p.sampler == "released":
         camids = np.fromiter((s.camid for s in samples), dtype=np.int64, count=len(samples))
         sampler = ReleasedBatchSampler(labels, camids, p.batch_size, p.num_instances, p.iters_per_epoch, cfg.seed)
@@ -71,10 +87,15 @@ def source_loader(cfg: Any, samples: list, labels: np.ndarray, epoch: int) -> Da
     return loader
 
 
-def target_loader(cfg: Any, samples: list, epoch: int) -> DataLoader:
-    """Random target batches (no identity balancing, as the released code), ``iters_per_epoch`` of them."""
+def target_loader(cfg: Any, samples: list, epoch: int, shard: Optional[tuple[int, int]] = None) -> DataLoader:
+    """Random target batches (no identity balancing, as the released code), ``iters_per_epoch`` of them;
+    ``shard`` as ``source_loader``."""
+    from torch.utils.data import BatchSampler
+
     from ..data.loaders import ImageDataset
+    from ..data.samplers import RankSlice
     from ..data.transforms import train_transform
+    from .loaders import SeededBatchSampler, SeededDataset
 
     p = cfg.pretrain
     g = torch.Generator()
@@ -82,6 +103,12 @@ def target_loader(cfg: Any, samples: list, epoch: int) -> DataLoader:
     ds = ImageDataset(samples, train_transform(cfg.data.height, cfg.data.width, random_erasing=0.0))
     bs = min(p.batch_size, len(samples))
     sampler = RandomSampler(ds, replacement=False, num_samples=p.iters_per_epoch * bs, generator=g)
+    if shard is not None:
+        seeded: Any = SeededBatchSampler(BatchSampler(sampler, bs, drop_last=True), (cfg.seed, epoch, 37))
+        if shard[1] > 1:
+            seeded = RankSlice(seeded, *shard)
+        return DataLoader(SeededDataset(ds), batch_sampler=seeded, num_workers=cfg.data.num_workers,
+                          pin_memory=torch.cuda.is_available())
     return DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
                       generator=g, pin_memory=torch.cuda.is_available())
 
@@ -120,6 +147,8 @@ class Pretrainer:
     cfg: Any
     data: SourceData
     policy: DevicePolicy
+    #: data parallel (``lf2core.distributed``): this rank; rank 0 evaluates and saves
+    dist: Dist = field(default_factory=Dist)
     model: SourceModel = field(init=False)
     history: list[dict[str, Any]] = field(default_factory=list)
     #: ``pretrain.source_checkpoint = best_source``: {"epoch", "mAP", "state_dict" (CPU)} of the evaluated
@@ -132,6 +161,8 @@ class Pretrainer:
         self.scaler = self.policy.grad_scaler()
         self.ce = CrossEntropyLabelSmooth(self.data.num_classes, p.label_smoothing)
         self.tri = triplet_loss(p.triplet_margin)
+        per_image = self.dist.active or bool(self.cfg.distributed.per_image_seeds)
+        self.shard = (self.dist.rank, self.dist.world_size) if per_image else None
 
     def resume(self, state: TrainingState) -> int:
         """Load a matching training state (returns the epochs it completed) or start afresh (0)."""
@@ -141,6 +172,7 @@ class Pretrainer:
         if info is None:  # the objects may hold a foreign state: rebuild them from the seed
             self.model, self.optimizer, self.scheduler = build(self.cfg, self.data.num_classes, self.policy)
             return 0
+        self.dist.check_same(info["epoch"], "the resume epoch of the state")
         self.history = list(info["extra"].get("history", []))
         self.best = info["extra"].get("best_source") or None
         if info["extra"].get("scaler"):
@@ -149,11 +181,15 @@ class Pretrainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, target: Optional[Iterator]) -> dict[str, float]:
         """One iteration: CE + triplet on a source batch (+ a no-grad, no-loss forward of the next batch of
-        ``target``), Adam step."""
-        pol, group = self.policy, self.cfg.pretrain.bn_group
+        ``target``), Adam step. Data parallel: ``x``, ``y`` and the target batch are this rank's slices
+        (per-rank BN); the loss is on the gathered global batch, gradients are summed over ranks, BN
+        buffers are rank 0's."""
+        pol, group, d = self.policy, self.cfg.pretrain.bn_group, self.dist
         x, y = pol.batch(x), y.to(pol.device, non_blocking=True)
         with pol.autocast(), bn_groups([self.model], int(x.shape[0]), group):
             feat, logits = self.model(x)
+        if d.active:
+            feat, logits, y = d.all_gather_cat(feat), d.all_gather_cat(logits), d.all_gather_cat(y)
         loss_ce = self.ce(logits.float(), y)
         loss_tri = self.tri(feat.float(), y)
         loss = loss_ce + loss_tri
@@ -163,8 +199,11 @@ class Pretrainer:
                 self.model(xt)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if d.active:
+            d.sum_gradients(q for g in self.optimizer.param_groups for q in g["params"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        d.broadcast_buffers([self.model])
         return {"loss": loss.item(), "loss_ce": loss_ce.item(), "loss_tri": loss_tri.item(),
                 "acc": (logits.argmax(1) == y).float().mean().item()}
 
@@ -172,8 +211,9 @@ class Pretrainer:
         """One epoch (seeded by ``seed + epoch``); returns its mean terms, ``lr`` and ``epoch_seconds``."""
         cfg, p = self.cfg, self.cfg.pretrain
         seed_everything(cfg.seed + epoch)
-        src_iter = iter(source_loader(cfg, self.data.train, self.data.labels, epoch))
-        tgt_iter = iter(target_loader(cfg, self.data.target_train, epoch)) if self.data.target_train else None
+        src_iter = iter(source_loader(cfg, self.data.train, self.data.labels, epoch, self.shard))
+        tgt_iter = (iter(target_loader(cfg, self.data.target_train, epoch, self.shard)) if self.data.target_train
+                    else None)
         lr = self.optimizer.param_groups[0]["lr"]
         sums = {"loss": 0.0, "loss_ce": 0.0, "loss_tri": 0.0, "acc": 0.0}
         bar = tqdm(range(p.iters_per_epoch), desc=f"pretrain {epoch + 1}/{p.epochs}", unit="it",
@@ -205,6 +245,9 @@ class Pretrainer:
         for epoch in range(start, p.epochs):
             metrics = self.epoch(epoch)
             q, g = self.data.source_test
+            if not self.dist.main:  # rank 0 evaluates and saves while the others wait
+                self.dist.barrier(f"epoch {epoch + 1} evaluated and saved by rank 0")
+                continue
             if q and g and ((p.eval_every > 0 and (epoch + 1) % p.eval_every == 0) or epoch + 1 == p.epochs):
                 r = evaluate(self.model, self.cfg, q, g, self.policy, "eval source")
                 metrics.update({f"source_{k}": v for k, v in r.items()})
@@ -219,6 +262,7 @@ class Pretrainer:
             )
             state.save(self.model, self.optimizer, self.scheduler, epoch + 1, history=self.history,
                        scaler=self.scaler.state_dict() if self.policy.amp else {}, best_source=self.best or {})
+            self.dist.barrier(f"epoch {epoch + 1} evaluated and saved by rank 0")
 
     def consider_best(self, epoch: int, source_map: float) -> bool:
         """Keep the current weights as ``best`` when ``source_map`` beats the best so far (strictly, as the

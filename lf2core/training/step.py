@@ -99,11 +99,14 @@ def _ghost_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     sizes, group = self._lf2_ghost_sizes, self._lf2_ghost_group
     if not (self.training and self.track_running_stats) or x.shape[0] != sum(sizes):
         return self._lf2_plain_forward(x)
-    if len(sizes) == 1 and not (0 < group < sizes[0]):
+    if len(sizes) == 1 and not (0 < group < sizes[0]) and self._lf2_ghost_sync is None:
         return self._lf2_plain_forward(x)
     self._check_input_dim(x)
     outs = []
     for chunk in torch.split(x, sizes, dim=0):
+        if self._lf2_ghost_sync is not None:
+            outs.append(_synced_batch_norm(self, chunk, self._lf2_ghost_sync))
+            continue
         # what nn.BatchNorm.forward does in train mode, once per sub-batch: count, then normalise with the
         # sub-batch statistics and move the running statistics by one momentum step
         self.num_batches_tracked.add_(1)
@@ -121,8 +124,34 @@ def _ghost_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     return torch.cat(outs, dim=0)
 
 
+def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d: Any) -> torch.Tensor:
+    """Train-mode BatchNorm of ``x`` [b, C, ...] with the statistics of the rows of ALL ranks (sums
+    all-reduced in float64), running statistics moved by one momentum step from them: on every rank what
+    one process computes on the concatenated rows. No autograd through the statistics (no-grad use only)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("synchronised ghost BatchNorm is for no-grad forwards only")
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    dims = [0] + list(range(2, x.dim()))
+    x64 = x.double()
+    c = x.shape[1]
+    stats = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), x64.new_full((1,), x.numel() / c)])
+    d.all_reduce_sum(stats)
+    n = stats[2 * c]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+    bn.running_mean.mul_(1 - factor).add_((factor * mean).to(bn.running_mean.dtype))
+    bn.running_var.mul_(1 - factor).add_((factor * var * n / max(float(n) - 1, 1.0)).to(bn.running_var.dtype))
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (x64 - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        y = y * bn.weight.double().view(shape) + bn.bias.double().view(shape)
+    return y.to(x.dtype)
+
+
 @contextlib.contextmanager
-def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: int = 0) -> Iterator[None]:
+def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: int = 0,
+                    sync: Optional[Any] = None) -> Iterator[None]:
     """Within the block, every train-mode BatchNorm layer of ``modules`` that receives a batch of
     ``sum(sizes)`` rows treats it as ``len(sizes)`` independent sub-batches (``torch.split`` sizes): the
     output of each sub-batch is normalised with its own batch statistics and the running statistics are
@@ -134,6 +163,9 @@ def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: i
     ``group`` rows (the last may be smaller), each normalised with its own statistics, and the running
     statistics (and the counter, once) are updated from the FIRST group only -- what ``nn.DataParallel``
     over ``sub-batch / group`` GPUs does (the released code: 2 GPUs, groups of 32 of a 64 batch).
+
+    ``sync`` (an active ``lf2core.distributed.Dist``, no-grad forwards only): each sub-batch is normalised
+    with the statistics of its rows on ALL ranks (the Fuse under data parallelism, see ``fast_step``).
     """
     sizes = [int(s) for s in sizes]
     patched: list[nn.Module] = []
@@ -143,6 +175,7 @@ def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: i
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not hasattr(m, "_lf2_ghost_sizes"):
                     m._lf2_ghost_sizes = sizes
                     m._lf2_ghost_group = int(group)
+                    m._lf2_ghost_sync = sync if sync is not None and sync.active else None
                     m._lf2_plain_forward = m.forward
                     m.forward = types.MethodType(_ghost_bn_forward, m)
                     patched.append(m)
@@ -153,6 +186,7 @@ def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: i
             del m._lf2_plain_forward
             del m._lf2_ghost_sizes
             del m._lf2_ghost_group
+            del m._lf2_ghost_sync
 
 
 def bn_groups(modules: Sequence[nn.Module], batch_size: int, group: int) -> contextlib.AbstractContextManager:
@@ -227,17 +261,38 @@ class StepResult:
 
 def _optimise(
     mt: MeanTeacher, optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, settings: StepSettings,
-    scaler: Optional[Any] = None,
+    scaler: Optional[Any] = None, dist: Optional[Any] = None,
 ) -> float:
+    """Backward, (data parallel: gradients summed over ranks), optimiser step, EMA teacher update, (data
+    parallel: BN buffers := rank 0's, so every rank holds the same student, teacher and Fuse)."""
     optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.scale(loss).backward()
+        if dist is not None:
+            dist.sum_gradients(params)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if dist is not None:
+            dist.sum_gradients(params)
         optimizer.step()
-    return mt.update_teacher(step, settings.ema_alpha)
+    alpha = mt.update_teacher(step, settings.ema_alpha)
+    if dist is not None:
+        dist.broadcast_buffers([mt.student, mt.teacher, mt.fuse])
+    return alpha
+
+
+def _gathered(out: LF2Output, index: int, d: Any) -> LF2Output:
+    """The loss inputs of batch ``index`` (0: logits + global feature, j: part feature j) of every rank
+    in rank order (``Dist.all_gather_cat``); the other fields stay local (the loss does not read them)."""
+    parts = list(out.part_feats)
+    if index == 0:
+        return LF2Output(out.feature_map, d.all_gather_cat(out.global_feat), parts, list(out.part_attention),
+                         d.all_gather_cat(out.logits))
+    parts[index - 1] = d.all_gather_cat(parts[index - 1])
+    return LF2Output(out.feature_map, out.global_feat, parts, list(out.part_attention), out.logits)
 
 
 def reference_step(
@@ -275,6 +330,7 @@ def fast_step(
     autocast_dtype: Optional[torch.dtype] = None,
     scaler: Optional[Any] = None,
     teacher_pass: bool = True,
+    dist: Optional[Any] = None,
 ) -> StepResult:
     """Same math as ``reference_step`` (see the module docstring) in one student forward/backward of the
     concatenated batches and no-grad teacher/Fuse forwards, with per-sub-batch BatchNorm.
@@ -282,6 +338,11 @@ def fast_step(
     ``autocast_dtype``: run the forwards under autocast (not the same math to 1e-5, faster).
     ``teacher_pass=False`` (only without a fusion loss): skip the teacher and Fuse forwards, whose only
     effect is on their BN running statistics; their BN counters still advance. See ``teacher_tail``.
+
+    ``dist`` (an active ``lf2core.distributed.Dist``; no fusion loss): ``batches`` are this rank's slices
+    of the global batches. Student and teacher BN normalise the local slice (per-rank BN = one process
+    with ``bn_group`` = the slice size), the Fuse BN the rows of all ranks (as one process); the loss is
+    computed on the gathered global batch, gradients are summed over ranks, BN buffers are rank 0's.
     """
     mt.train()
     sizes = [int(x.shape[0]) for x, _ in batches]
@@ -295,10 +356,13 @@ def fast_step(
         else contextlib.nullcontext()
     )
     # the released code wraps student and teacher in nn.DataParallel, not the Fuse: only they get bn_group
-    if settings.bn_group > 0:
+    parallel = dist is not None and dist.active
+    if parallel and need_fusion_grad:
+        raise ValueError("finetune.fusion_loss_weight > 0 is not supported with WORLD_SIZE > 1")
+    if settings.bn_group > 0 or parallel:
         bns: contextlib.AbstractContextManager = contextlib.ExitStack()
         bns.enter_context(ghost_batchnorm([mt.student, mt.teacher], sizes, settings.bn_group))
-        bns.enter_context(ghost_batchnorm([mt.fuse], sizes))
+        bns.enter_context(ghost_batchnorm([mt.fuse], sizes, sync=dist if parallel else None))
     else:
         bns = ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes)
     with bns, amp:
@@ -319,8 +383,12 @@ def fast_step(
                         m.num_batches_tracked.add_(len(sizes))
     student_out = _split_output(s, sizes)
     fusion = [list(f) for f in zip(*[torch.split(t, sizes) for t in fz])] if need_fusion_grad else None
-    loss, terms = lf2_loss(student_out, fusion, [y for _, y in batches], crit, settings)
-    alpha = _optimise(mt, optimizer, loss, step, settings, scaler)
+    labels = [y for _, y in batches]
+    if parallel:
+        student_out = [_gathered(o, k, dist) for k, o in enumerate(student_out)]
+        labels = [dist.all_gather_cat(y) for y in labels]
+    loss, terms = lf2_loss(student_out, fusion, labels, crit, settings)
+    alpha = _optimise(mt, optimizer, loss, step, settings, scaler, dist if parallel else None)
     return StepResult(loss.detach(), terms, alpha)
 
 
