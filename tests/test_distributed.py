@@ -158,9 +158,9 @@ def test_steps_ddp_equal_one_process_float64(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- finetune stage
-FT = ["finetune.batch_size=6", "finetune.num_instances=2", "finetune.iters_per_epoch=3",
-      "finetune.epochs_per_round=2", "cluster.num_clusters=4"]
-FT_TWO_STEPS = [*FT, "finetune.iters_per_epoch=1"]  # 2 epochs of 1 step: the epoch losses are step losses
+# 2 epochs of 1 step: the epoch losses are the step losses; P=3 ids x K=2 (every label set has >= 3 ids)
+FT_TWO_STEPS = ["finetune.batch_size=6", "finetune.num_instances=2", "finetune.iters_per_epoch=1",
+                "finetune.epochs_per_round=2", "cluster.num_clusters=4"]
 
 
 def _epoch_losses(out: Path) -> list[float]:
@@ -176,8 +176,7 @@ def test_finetune_stage_ddp_vs_one_process_and_resume(tiny, tmp_path):
     tmp, data, _, _ = tiny
     ins = dict(data=str(data), labels=str(tmp / "labels"), model=str(tmp / "pre"))
     # 2 steps: 2 processes vs 1 process with BN over groups of the per-rank batch (6 / 2), same global batches
-    # (P=3 ids x K=2: every label set of the tiny round has >= 3 identities)
-    r = _worker("finetune", out=str(tmp_path / "ddp2"), sets=FT_TWO_STEPS, **ins)
+    r = _worker("finetune", out=str(tmp_path / "ddp2"), sets=FT_TWO_STEPS, dump=str(tmp_path), **ins)
     assert r.returncode == 0, r.stderr[-3000:]
     finetune(load_config("demo", [*TINY_OVERRIDES, *FT_TWO_STEPS, "finetune.bn_group=3"]), ins["data"],
              ins["labels"], ins["model"], str(tmp_path / "one2"), checkpoint_every=0)
@@ -186,25 +185,24 @@ def test_finetune_stage_ddp_vs_one_process_and_resume(tiny, tmp_path):
     print(f"finetune stage float32, 2 processes vs 1: step-1 loss {l0!r} vs {r0!r}, step-2 loss {l1!r} vs "
           f"{r1!r}, student weights after 2 steps within 1e-5: {close:.4f}")
     assert l0 == pytest.approx(r0, rel=1e-6)  # same data, same model, same loss
-    assert l1 == pytest.approx(r1, rel=1e-3)  # after one Adam step on float32 noise
-    assert close >= 0.5
-    # 6 steps under DDP: the teacher (and everything else) identical on both ranks
-    r = _worker("finetune", out=str(tmp_path / "ddp"), sets=FT, dump=str(tmp_path), **ins)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert l1 == pytest.approx(r1, rel=1e-4)  # after one Adam step on float32 noise
+    assert close >= 0.99
+    # the teacher (and everything else: student, Fuse, BN buffers) identical on both ranks
     per_rank = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
     assert _max_diff(per_rank[0]["teacher"], per_rank[1]["teacher"], floats_only=False) == 0.0
     assert _max_diff(per_rank[0]["all"], per_rank[1]["all"], floats_only=False) == 0.0
-    # rank 0 killed at its 6th step (state saved after 5: checkpoint_every 2, 3 per epoch), resumed under DDP
-    r = _worker("finetune", out=str(tmp_path / "res"), sets=FT, die_at=6, checkpoint_every=2, **ins)
+    # rank 0 killed at its 2nd step (state saved after epoch 1), rerun under DDP: resumes with step 1 only
+    r = _worker("finetune", out=str(tmp_path / "res"), sets=FT_TWO_STEPS, die_at=2, **ins)
     assert r.returncode != 0 and (tmp_path / "res.partial" / "state.pt").exists(), r.stderr[-2000:]
     assert not (tmp_path / "res").exists()
-    r = _worker("finetune", out=str(tmp_path / "res"), sets=FT, checkpoint_every=2, count_steps=str(tmp_path), **ins)
+    r = _worker("finetune", out=str(tmp_path / "res"), sets=FT_TWO_STEPS, count_steps=str(tmp_path), **ins)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "steps0.json").read_text()) == [5]  # only the step after the state
+    assert [json.loads((tmp_path / f"steps{k}.json").read_text()) for k in range(2)] == [[1], [1]]
     for n in ("student.pt", "teacher.pt"):
-        a, b = _weights(tmp_path / "ddp" / n), _weights(tmp_path / "res" / n)
+        a, b = _weights(tmp_path / "ddp2" / n), _weights(tmp_path / "res" / n)
         assert all(torch.equal(a[k], b[k]) for k in a), n
-    assert _epoch_losses(tmp_path / "ddp") == _epoch_losses(tmp_path / "res")
+    assert _epoch_losses(tmp_path / "ddp2") == _epoch_losses(tmp_path / "res")
+    assert not (tmp_path / "res.partial").exists()
 
 
 # ------------------------------------------------------------------------------------------- pretrain, extract
