@@ -233,7 +233,7 @@ def test_pretrain_and_extract_started_by_torchrun(tiny, tmp_path):
     close = _close_fraction(tmp_path / "ddp" / "model.pt", tmp_path / "one" / "model.pt")
     print(f"pretrain stage float32, 2 processes vs 1: step-1 loss {l0!r} vs {r0!r}, step-2 loss {l1!r} vs "
           f"{r1!r}, weights after 2 steps within 1e-5: {close:.4f}")
-    assert l0 == pytest.approx(r0, rel=1e-6) and l1 == pytest.approx(r1, rel=1e-3) and close >= 0.5
+    assert l0 == pytest.approx(r0, rel=1e-6) and l1 == pytest.approx(r1, rel=1e-4) and close >= 0.99
     hist = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["history"]
     assert all("source_mAP" in h for h in hist)  # rank 0 evaluated every epoch while rank 1 waited
     # extraction sharded over the 2 ranks, gathered in manifest order
@@ -259,7 +259,9 @@ def test_a_rank_that_never_arrives_fails_the_other_within_the_timeout(tmp_path):
     msg = (tmp_path / "rank0.err").read_text()
     assert msg.count("\n") == 0 and msg.startswith("lf2: error: test-stage: rank 0 of 2 waited more than 3 s"), msg
     assert "distributed.timeout_s" in msg and "'the test point'" in msg
-    assert float((tmp_path / "rank0.seconds").read_text()) < 3 + 10, took
+    waited = float((tmp_path / "rank0.seconds").read_text())
+    print(f"barrier with distributed.timeout_s=3: rank 0 failed after {waited:.2f} s ({took:.1f} s with torchrun)")
+    assert 3 <= waited < 3 + 10, took
 
 
 # ------------------------------------------------------------------------------------------- worker
