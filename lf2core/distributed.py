@@ -91,7 +91,9 @@ class Dist:
 
         try:
             yield
-        except dist.DistError as e:
+        except (dist.DistError, RuntimeError) as e:
+            if not isinstance(e, dist.DistError) and not _is_collective_error(e):
+                raise
             raise DistributedError(
                 f"{self.where()}: a collective failed during '{what}' (timeout distributed.timeout_s="
                 f"{self.timeout_s:g} s); a rank failed or hangs, see its log ({_first_line(e)})") from None
@@ -197,6 +199,15 @@ class Dist:
 
             dist.all_reduce(t)
         return t
+
+
+_COLLECTIVE_MARKS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "processgroup")
+
+
+def _is_collective_error(e: BaseException) -> bool:
+    """A RuntimeError raised by a collective (gloo reports a dead peer as a plain RuntimeError)."""
+    text = str(e).lower()
+    return any(m in text for m in _COLLECTIVE_MARKS)
 
 
 def _first_line(e: BaseException) -> str:

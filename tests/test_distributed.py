@@ -264,6 +264,24 @@ def test_a_rank_that_never_arrives_fails_the_other_within_the_timeout(tmp_path):
     assert 3 <= waited < 3 + 10, took
 
 
+def test_a_rank_that_dies_fails_the_other_with_one_line(tmp_path):
+    """Two ranks started by hand (torchrun would stop the survivor itself, a multi-node job may not)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    args = [sys.executable, str(Path(__file__).resolve()), "peer", json.dumps({"dump": str(tmp_path)})]
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(k), "LOCAL_RANK": str(k)}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in range(2)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [3, 2]
+    msg = (tmp_path / "rank1.err").read_text()
+    assert msg.count("\n") == 0 and msg.startswith("lf2: error: peer-test: rank 1 of 2: a collective failed "
+                                                     "during 'training'"), msg
+
+
 # ------------------------------------------------------------------------------------------- worker
 def _work(mode: str, kw: dict) -> int:  # pragma: no cover  (runs under torchrun)
     torch.set_num_threads(1)
@@ -283,6 +301,21 @@ def _work(mode: str, kw: dict) -> int:  # pragma: no cover  (runs under torchrun
         except Lf2Error as e:
             Path(kw["dump"], "rank0.seconds").write_text(f"{time.monotonic() - t0:.2f}")
             Path(kw["dump"], "rank0.err").write_text(f"lf2: error: {e}")
+            return 2
+        return 0
+    if mode == "peer":  # rank 0 dies before the first collective of "training"
+        from lf2core.config import load_config
+        from lf2core.distributed import setup
+        from lf2core.errors import Lf2Error
+
+        d = setup(load_config("demo", ["distributed.timeout_s=60"]), "peer-test")
+        if rank == 0:
+            os._exit(3)
+        try:
+            with d.guard("training"):
+                d.all_gather_cat(torch.ones(3))
+        except Lf2Error as e:
+            Path(kw["dump"], "rank1.err").write_text(f"lf2: error: {e}")
             return 2
         return 0
     if mode == "steps":
