@@ -7,7 +7,8 @@
   second within 1e-3 (Adam turns float32 rounding noise into lr-sized steps: one process with 1 vs 2 torch
   threads diverges as much, docs/distributed.md); the teacher identical on both ranks; finetune killed
   mid-round and resumed under DDP == uninterrupted DDP, bit for bit; ``lf2 pretrain`` and ``lf2 extract``
-  started by torchrun: only rank 0 prints and writes, features equal the one-process features;
+  started by torchrun: only rank 0 prints and writes, features equal the one-process features; pretraining
+  killed and rerun under torchrun resumes to the same weights;
 - a rank that never reaches a barrier: the other fails within ``distributed.timeout_s`` with one clear line.
 
 This file is also the torchrun worker (``python tests/test_distributed.py <mode> <json>``).
@@ -236,6 +237,15 @@ def test_pretrain_and_extract_started_by_torchrun(tiny, tmp_path):
     assert l0 == pytest.approx(r0, rel=1e-6) and l1 == pytest.approx(r1, rel=1e-4) and close >= 0.99
     hist = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["history"]
     assert all("source_mAP" in h for h in hist)  # rank 0 evaluated every epoch while rank 1 waited
+    # rank 0 killed at the start of epoch 2 (state of epoch 1 saved), rerun under torchrun: same weights
+    r = _worker("pretrain", out=str(tmp_path / "res"), sets=two, die_epoch=1, data=str(data))
+    assert r.returncode != 0 and (tmp_path / "res.partial" / "state.pt").exists(), r.stderr[-2000:]
+    r = _torchrun("-m", "lf2core.cli", "pretrain", "--data", str(data), "--out", str(tmp_path / "res"),
+                  *_cli_sets(*two))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "after epoch 1" in r.stderr
+    a, b = _weights(tmp_path / "ddp" / "model.pt"), _weights(tmp_path / "res" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # extraction sharded over the 2 ranks, gathered in manifest order
     r = _torchrun("-m", "lf2core.cli", "extract", "--data", str(data), "--model", str(tmp_path / "one"),
                   "--out", str(tmp_path / "f2"), *_cli_sets())
@@ -317,6 +327,21 @@ def _work(mode: str, kw: dict) -> int:  # pragma: no cover  (runs under torchrun
         except Lf2Error as e:
             Path(kw["dump"], "rank1.err").write_text(f"lf2: error: {e}")
             return 2
+        return 0
+    if mode == "pretrain":
+        from lf2core.stages.pretrain import pretrain_source
+        from lf2core.training.pretrainer import Pretrainer
+        from test_pretrain import tiny_cfg
+
+        real_epoch = Pretrainer.epoch
+
+        def epoch(self, e):
+            if rank == 0 and e == kw["die_epoch"]:
+                raise KeyboardInterrupt
+            return real_epoch(self, e)
+
+        Pretrainer.epoch = epoch
+        pretrain_source(tiny_cfg(*kw["sets"]), kw["data"], kw["out"])
         return 0
     if mode == "steps":
         from lf2core.config import load_config
