@@ -259,3 +259,28 @@ def device_policy(cfg: Any, d: Dist) -> Any:
     if d.active and cfg.device != "cpu" and torch.cuda.is_available():
         spec = f"cuda:{d.local_rank}"
     return DevicePolicy(select_device(spec), cfg.amp, getattr(cfg, "tf32", None))
+
+
+def synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Train-mode BatchNorm of ``x`` [b, C, ...] with the statistics of the rows of ALL ranks (sums
+    all-reduced in float64), running statistics moved by one momentum step from them: on every rank what
+    one process computes on the concatenated rows. No autograd through the statistics (no-grad use only)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("synchronised ghost BatchNorm is for no-grad forwards only")
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    dims = [0] + list(range(2, x.dim()))
+    x64 = x.double()
+    c = x.shape[1]
+    stats = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), x64.new_full((1,), x.numel() / c)])
+    d.all_reduce_sum(stats)
+    n = stats[2 * c]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+    bn.running_mean.mul_(1 - factor).add_((factor * mean).to(bn.running_mean.dtype))
+    bn.running_var.mul_(1 - factor).add_((factor * var * n / max(float(n) - 1, 1.0)).to(bn.running_var.dtype))
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (x64 - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        y = y * bn.weight.double().view(shape) + bn.bias.double().view(shape)
+    return y.to(x.dtype)

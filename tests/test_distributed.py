@@ -16,7 +16,6 @@ This file is also the torchrun worker (``python tests/test_distributed.py <mode>
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess

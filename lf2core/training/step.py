@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import synced_batch_norm
 from ..losses import CrossEntropyLabelSmooth, SoftTripletLoss
 from ..models.lf2 import LF2Output
 from ..models.teacher import MeanTeacher
@@ -105,7 +106,7 @@ def _ghost_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     outs = []
     for chunk in torch.split(x, sizes, dim=0):
         if self._lf2_ghost_sync is not None:
-            outs.append(_synced_batch_norm(self, chunk, self._lf2_ghost_sync))
+            outs.append(synced_batch_norm(self, chunk, self._lf2_ghost_sync))
             continue
         # what nn.BatchNorm.forward does in train mode, once per sub-batch: count, then normalise with the
         # sub-batch statistics and move the running statistics by one momentum step
@@ -122,31 +123,6 @@ def _ghost_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
             outs.append(F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
                                      factor, self.eps))
     return torch.cat(outs, dim=0)
-
-
-def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d: Any) -> torch.Tensor:
-    """Train-mode BatchNorm of ``x`` [b, C, ...] with the statistics of the rows of ALL ranks (sums
-    all-reduced in float64), running statistics moved by one momentum step from them: on every rank what
-    one process computes on the concatenated rows. No autograd through the statistics (no-grad use only)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError("synchronised ghost BatchNorm is for no-grad forwards only")
-    bn.num_batches_tracked.add_(1)
-    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    dims = [0] + list(range(2, x.dim()))
-    x64 = x.double()
-    c = x.shape[1]
-    stats = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), x64.new_full((1,), x.numel() / c)])
-    d.all_reduce_sum(stats)
-    n = stats[2 * c]
-    mean = stats[:c] / n
-    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-    bn.running_mean.mul_(1 - factor).add_((factor * mean).to(bn.running_mean.dtype))
-    bn.running_var.mul_(1 - factor).add_((factor * var * n / max(float(n) - 1, 1.0)).to(bn.running_var.dtype))
-    shape = [1, c] + [1] * (x.dim() - 2)
-    y = (x64 - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
-    if bn.weight is not None:
-        y = y * bn.weight.double().view(shape) + bn.bias.double().view(shape)
-    return y.to(x.dtype)
 
 
 @contextlib.contextmanager
