@@ -138,7 +138,8 @@ class _Progress:
 
 
 def start_round(cfg: Any, settings: StepSettings, rnd: Round, mt_fn: Callable[[], MeanTeacher], centroids: np.ndarray,
-                state: TrainingState, policy: DevicePolicy, fast: bool, dist: Dist = Dist()) -> tuple[Finetuner, _Progress]:
+                state: TrainingState, policy: DevicePolicy, fast: bool,
+                dist: Dist = Dist()) -> tuple[Finetuner, _Progress]:
     """The round's ``Finetuner`` and starting point: resumed from ``state`` when it holds this run's
     state (classifier size from the labels, weights and Adam from the state), else the model of
     ``mt_fn()`` with the classifier of student and teacher := ``centroids``. Data parallel: every rank
