@@ -195,6 +195,7 @@ class DistributedConfig:  # torchrun / WORLD_SIZE > 1 (docs/distributed.md)
     timeout_s: float = _f(1800.0, gt=0)  # every collective and barrier; then one error line naming the rank
     backend: str = _f("auto", choices=("auto", "nccl", "gloo"))  # auto: nccl on CUDA, gloo on CPU
     per_image_seeds: bool = False  # pretrain in ONE process seeded per image as N processes (equivalence)
+    sync_bn: bool = False  # BN statistics over all ranks (= one process, bn_group 0) instead of per rank
 
 
 @dataclass

@@ -55,6 +55,7 @@ class Dist:
     local_rank: int = 0
     stage: str = ""
     timeout_s: float = 1800.0
+    sync_bn: bool = False  # distributed.sync_bn: student/teacher (source model) BN over all ranks
 
     @property
     def active(self) -> bool:
@@ -242,7 +243,8 @@ def setup(cfg: Any, stage: str) -> Dist:
             raise DistributedError(f"{stage}: rank {rank} of {world} cannot join the process group "
                                    f"({backend}; MASTER_ADDR/MASTER_PORT from torchrun): {_first_line(e)}") from None
         _CONTROL = dist.new_group(backend="gloo", timeout=td) if backend != "gloo" else None
-    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, stage, timeout)
+    sync_bn = bool(getattr(getattr(cfg, "distributed", None), "sync_bn", False))
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, stage, timeout, sync_bn)
     if not d.main:
         logging.getLogger().setLevel(logging.WARNING)
         os.environ["LF2_PROGRESS"] = "0"
@@ -264,23 +266,30 @@ def device_policy(cfg: Any, d: Dist) -> Any:
 def synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d: Dist) -> torch.Tensor:
     """Train-mode BatchNorm of ``x`` [b, C, ...] with the statistics of the rows of ALL ranks (sums
     all-reduced in float64), running statistics moved by one momentum step from them: on every rank what
-    one process computes on the concatenated rows. No autograd through the statistics (no-grad use only)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError("synchronised ghost BatchNorm is for no-grad forwards only")
+    one process computes on the concatenated rows. With autograd the all-reduce is differentiable
+    (``torch.distributed.nn``): every rank's loss is the global loss through its own rows, the backward
+    all-reduce of the statistics' gradients adds the other ranks' paths, and ``sum_gradients`` completes it."""
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     dims = [0] + list(range(2, x.dim()))
     x64 = x.double()
     c = x.shape[1]
     stats = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), x64.new_full((1,), x.numel() / c)])
-    d.all_reduce_sum(stats)
-    n = stats[2 * c]
+    if torch.is_grad_enabled() and stats.requires_grad and d.active:
+        from torch.distributed.nn.functional import all_reduce
+
+        stats = all_reduce(stats)
+    else:
+        d.all_reduce_sum(stats)
+    n = stats[2 * c].detach()
     mean = stats[:c] / n
     var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-    bn.running_mean.mul_(1 - factor).add_((factor * mean).to(bn.running_mean.dtype))
-    bn.running_var.mul_(1 - factor).add_((factor * var * n / max(float(n) - 1, 1.0)).to(bn.running_var.dtype))
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_((factor * mean).to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - factor).add_((factor * var * n / max(float(n) - 1, 1.0)).to(bn.running_var.dtype))
     shape = [1, c] + [1] * (x.dim() - 2)
-    y = (x64 - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
     if bn.weight is not None:
-        y = y * bn.weight.double().view(shape) + bn.bias.double().view(shape)
-    return y.to(x.dtype)
+        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
+    return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)

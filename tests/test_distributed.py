@@ -16,6 +16,7 @@ This file is also the torchrun worker (``python tests/test_distributed.py <mode>
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,9 +97,10 @@ def test_rank_slices_are_the_one_process_batches(tiny):
 
 
 # ------------------------------------------------------------------------------------------- the steps, float64
-def _finetune_steps(d, steps: int) -> tuple[dict, dict]:
+def _finetune_steps(d, steps: int, sync: bool = False) -> tuple[dict, dict]:
     """``steps`` fast steps from the same weights and batches (float64); with an active ``d`` this rank's
-    slices and no bn_group, else the whole batches with BN over groups of 3 (= the per-rank batch).
+    slices and no bn_group, else the whole batches with BN over groups of 3 (= the per-rank batch), or
+    with ``sync`` (``distributed.sync_bn``) over the whole batch.
     Returns (state dict, gradients of the last step)."""
     from test_finetune import _batches, _mean_teacher
     from lf2core.training import Criteria, StepSettings, fast_step, make_optimizer
@@ -106,27 +108,29 @@ def _finetune_steps(d, steps: int) -> tuple[dict, dict]:
     mt = _mean_teacher(torch.float64)
     opt = make_optimizer(mt, 3.5e-4, 5e-4)
     parallel = d is not None and d.active
+    if parallel:
+        d = dataclasses.replace(d, sync_bn=sync)
     for s in range(steps):
         batches = _batches(torch.float64, 3, seed=s)
         if parallel:
             batches = [(x[3 * d.rank:3 * d.rank + 3], y[3 * d.rank:3 * d.rank + 3]) for x, y in batches]
-        fast_step(mt, opt, batches, s, Criteria(6, 0.1), StepSettings(bn_group=0 if parallel else 3),
+        fast_step(mt, opt, batches, s, Criteria(6, 0.1), StepSettings(bn_group=0 if parallel or sync else 3),
                   dist=d if parallel else None)
     return mt.state_dict(), {n: p.grad.clone() for n, p in mt.named_parameters() if p.grad is not None}
 
 
-def _pretrain_steps(d, steps: int) -> tuple[dict, dict]:
+def _pretrain_steps(d, steps: int, sync: bool = False) -> tuple[dict, dict]:
     """``Pretrainer.step`` (source batch + adapt_target_bn batch) ``steps`` times in float64; per-rank
-    slices under an active ``d``, else the whole batch with pretrain.bn_group 3."""
+    slices under an active ``d``, else the whole batch with pretrain.bn_group 3 (0 with ``sync``)."""
     from lf2core.distributed import Dist
     from lf2core.runtime import DevicePolicy
     from lf2core.training.pretrainer import Pretrainer, SourceData
     from test_pretrain import tiny_cfg
 
     parallel = d is not None and d.active
-    cfg = tiny_cfg("pretrain.bn_group=0" if parallel else "pretrain.bn_group=3")
+    cfg = tiny_cfg("pretrain.bn_group=0" if parallel or sync else "pretrain.bn_group=3")
     pt = Pretrainer(cfg, SourceData([], np.arange(4), [], ([], []), ([], [])), DevicePolicy("cpu", False),
-                    d if parallel else Dist())
+                    dataclasses.replace(d, sync_bn=sync) if parallel else Dist())
     pt.model.double()
     g = torch.Generator().manual_seed(7)
     y = torch.tensor([0, 0, 1, 1, 3, 3])
@@ -137,6 +141,10 @@ def _pretrain_steps(d, steps: int) -> tuple[dict, dict]:
     return pt.model.state_dict(), {n: q.grad.clone() for n, q in pt.model.named_parameters() if q.grad is not None}
 
 
+STEP_RUNS = [("finetune", _finetune_steps, False), ("pretrain", _pretrain_steps, False),
+             ("finetune", _finetune_steps, True), ("pretrain", _pretrain_steps, True)]
+
+
 def test_steps_ddp_equal_one_process_float64(tmp_path):
     """The data-parallel steps (rank slices, per-rank BN, gathered loss, summed gradients, Fuse BN over all
     ranks, EMA, rank 0's buffers) against one process with bn_group = per-rank batch, in float64 where
@@ -144,14 +152,14 @@ def test_steps_ddp_equal_one_process_float64(tmp_path):
     gradients of the last step, the weights and every buffer."""
     r = _worker("steps", dump=str(tmp_path), steps=3)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name, run in (("finetune", _finetune_steps), ("pretrain", _pretrain_steps)):
-        ranks = [torch.load(tmp_path / f"{name}{k}.pt") for k in range(2)]
+    for name, run, sync in STEP_RUNS:
+        ranks = [torch.load(tmp_path / f"{name}{'-sync' * sync}{k}.pt") for k in range(2)]
         for part in (0, 1):  # weights + buffers, gradients: the same bits on both ranks
             assert _max_diff(ranks[0][part], ranks[1][part], floats_only=False) == 0.0, name
-        ref_state, ref_grad = run(None, 3)
+        ref_state, ref_grad = run(None, 3, sync)
         dw, dg = _max_diff(ranks[0][0], ref_state), _max_diff(ranks[0][1], ref_grad)
-        print(f"{name} step float64, 3 steps, 2 processes vs 1: max abs diff weights+buffers {dw:.3g}, "
-              f"gradients {dg:.3g}")
+        print(f"{name} step float64{' sync_bn' * sync}, 3 steps, 2 processes vs 1: max abs diff weights+buffers "
+              f"{dw:.3g}, gradients {dg:.3g}")
         assert dw <= 1e-9 and dg <= 1e-9, name
         ints = [k for k, v in ref_state.items() if not v.is_floating_point()]
         assert ints and all(torch.equal(ranks[0][0][k], ref_state[k]) for k in ints)  # BN counters
@@ -347,8 +355,8 @@ def _work(mode: str, kw: dict) -> int:  # pragma: no cover  (runs under torchrun
         from lf2core.distributed import setup
 
         d = setup(load_config("demo", ["device=cpu"]), "test-steps")
-        for name, run in (("finetune", _finetune_steps), ("pretrain", _pretrain_steps)):
-            torch.save(run(d, kw["steps"]), Path(kw["dump"], f"{name}{rank}.pt"))
+        for name, run, sync in STEP_RUNS:
+            torch.save(run(d, kw["steps"], sync), Path(kw["dump"], f"{name}{'-sync' * sync}{rank}.pt"))
         return 0
     from lf2core.stages import finetune as ft
     from lf2core.training import Finetuner

@@ -20,7 +20,7 @@ from ..features import evaluate_samples, progress_enabled
 from ..losses import CrossEntropyLabelSmooth, triplet_loss
 from ..models import SourceModel
 from ..runtime import DevicePolicy, seed_everything
-from .step import bn_groups
+from .step import bn_groups, ghost_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,13 @@ class Pretrainer:
             self.scaler.load_state_dict(info["extra"]["scaler"])
         return info["epoch"]
 
+    def _bn(self, rows: int, group: int) -> Any:
+        """BN of a forward of ``rows`` images: over all ranks (``distributed.sync_bn``), else per rank
+        with ``pretrain.bn_group`` groups."""
+        if self.dist.active and self.dist.sync_bn:
+            return ghost_batchnorm([self.model], [rows], sync=self.dist)
+        return bn_groups([self.model], rows, group)
+
     def step(self, x: torch.Tensor, y: torch.Tensor, target: Optional[Iterator]) -> dict[str, float]:
         """One iteration: CE + triplet on a source batch (+ a no-grad, no-loss forward of the next batch of
         ``target``), Adam step. Data parallel: ``x``, ``y`` and the target batch are this rank's slices
@@ -186,7 +193,7 @@ class Pretrainer:
         buffers are rank 0's."""
         pol, group, d = self.policy, self.cfg.pretrain.bn_group, self.dist
         x, y = pol.batch(x), y.to(pol.device, non_blocking=True)
-        with pol.autocast(), bn_groups([self.model], int(x.shape[0]), group):
+        with pol.autocast(), self._bn(int(x.shape[0]), group):
             feat, logits = self.model(x)
         if d.active:
             feat, logits, y = d.all_gather_cat(feat), d.all_gather_cat(logits), d.all_gather_cat(y)
@@ -195,7 +202,7 @@ class Pretrainer:
         loss = loss_ce + loss_tri
         if target is not None:  # BN statistics see the target domain (no grad, no loss)
             xt = pol.batch(next(target)[0])
-            with torch.no_grad(), pol.autocast(), bn_groups([self.model], int(xt.shape[0]), group):
+            with torch.no_grad(), pol.autocast(), self._bn(int(xt.shape[0]), group):
                 self.model(xt)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

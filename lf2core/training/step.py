@@ -141,7 +141,8 @@ def ghost_batchnorm(modules: Sequence[nn.Module], sizes: Sequence[int], group: i
     over ``sub-batch / group`` GPUs does (the released code: 2 GPUs, groups of 32 of a 64 batch).
 
     ``sync`` (an active ``lf2core.distributed.Dist``, no-grad forwards only): each sub-batch is normalised
-    with the statistics of its rows on ALL ranks (the Fuse under data parallelism, see ``fast_step``).
+    with the statistics of its rows on ALL ranks (the Fuse under data parallelism, and every BN layer
+    with ``distributed.sync_bn``; see ``fast_step``); ``group`` is then ignored.
     """
     sizes = [int(s) for s in sizes]
     patched: list[nn.Module] = []
@@ -317,7 +318,8 @@ def fast_step(
 
     ``dist`` (an active ``lf2core.distributed.Dist``; no fusion loss): ``batches`` are this rank's slices
     of the global batches. Student and teacher BN normalise the local slice (per-rank BN = one process
-    with ``bn_group`` = the slice size), the Fuse BN the rows of all ranks (as one process); the loss is
+    with ``bn_group`` = the slice size; with ``dist.sync_bn`` the rows of all ranks = one process with
+    ``bn_group`` 0), the Fuse BN the rows of all ranks (as one process); the loss is
     computed on the gathered global batch, gradients are summed over ranks, BN buffers are rank 0's.
     """
     mt.train()
@@ -336,8 +338,9 @@ def fast_step(
     if parallel and need_fusion_grad:
         raise ValueError("finetune.fusion_loss_weight > 0 is not supported with WORLD_SIZE > 1")
     if settings.bn_group > 0 or parallel:
+        sync_bn = dist if parallel and dist.sync_bn else None
         bns: contextlib.AbstractContextManager = contextlib.ExitStack()
-        bns.enter_context(ghost_batchnorm([mt.student, mt.teacher], sizes, settings.bn_group))
+        bns.enter_context(ghost_batchnorm([mt.student, mt.teacher], sizes, settings.bn_group, sync=sync_bn))
         bns.enter_context(ghost_batchnorm([mt.fuse], sizes, sync=dist if parallel else None))
     else:
         bns = ghost_batchnorm([mt.student, mt.teacher, mt.fuse], sizes)
