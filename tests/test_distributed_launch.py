@@ -138,7 +138,7 @@ def test_real_extract_stage_under_torchrun_matches_in_process(tmp_path: Path, mo
     st = stage("extract-features")
     uris = [str(data), str(tmp_path / "pre")]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(launch, "launch_mode", lambda name, environ=None: ("torchrun", 1))
+    monkeypatch.setattr(launch, "launch_mode", lambda name, environ=None: ("torchrun", 2))
     result = launch.run_stage_function(st, cfg, cfg.to_yaml(), uris, str(tmp_path / "feat-torchrun"),
                                        {"split": "target_train"})
     ref = extract_features(cfg, *uris, str(tmp_path / "feat-ref"))
@@ -149,6 +149,7 @@ def test_real_extract_stage_under_torchrun_matches_in_process(tmp_path: Path, mo
     assert a["pids"].tolist() == b["pids"].tolist()
     assert not list(Path("/tmp").glob("lf2-launch-*/config.yaml"))  # the temp config is gone
     # the several-rounds task's runner: launched, then found complete and reported like an in-process stage
+    monkeypatch.setattr(launch, "launch_mode", lambda name, environ=None: ("torchrun", 1))
     seen = []
     runner = launch.stage_runner(cfg, cfg.to_yaml(), after=lambda name, r, out: seen.append((name, r, out)))
     out = str(tmp_path / "feat-runner")
