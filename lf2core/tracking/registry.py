@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .runs import create_run, ended_on_error
+from .runs import create_run, ended_on_error, log_model_metrics
 from . import store
 from .store import TrackingError, configure, enabled, mask, resolve_tracking_uri, set_uri
 from .server import check_reachable
@@ -32,11 +32,14 @@ def log_and_register_pyfunc(
     alias: str = CANDIDATE_ALIAS,
     code_paths: Optional[list[str]] = None,
     pip_requirements: Optional[list[str]] = None,
+    model_metrics: Optional[Mapping[str, float]] = None,
+    model_metrics_step: int = 0,
 ) -> Optional[dict[str, Any]]:
     """Log an image-in pyfunc (``loader_module`` + ``data_path``, the lf2 serving model) with the
     signature ``image: binary`` -> float32 ``[-1, output_dim]`` and ``input_images`` (encoded images) as
     input example; register it as ``cfg.tracking.registered_model``, tag the version with ``tags`` and
-    point ``alias`` at it. Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when
+    point ``alias`` at it; ``model_metrics`` are logged into the run linked to the logged model (its page
+    shows them). Returns ``{"name", "version", "model_uri", "run_id", "alias", "model_id"}``; ``None`` when
     tracking is off."""
     if not enabled():
         return None
@@ -56,11 +59,12 @@ def log_and_register_pyfunc(
             registered_model_name=name, pip_requirements=pip_requirements,
         )
 
-    return _log_and_register(log, cfg, run_id, tags, alias)
+    return _log_and_register(log, cfg, run_id, tags, alias, model_metrics, model_metrics_step)
 
 
 def _log_and_register(log: Any, cfg: Any, run_id: Optional[str], tags: Optional[Mapping[str, Any]],
-                      alias: str) -> dict[str, Any]:
+                      alias: str, model_metrics: Optional[Mapping[str, float]] = None,
+                      model_metrics_step: int = 0) -> dict[str, Any]:
     import mlflow
 
     configure(cfg)
@@ -71,13 +75,15 @@ def _log_and_register(log: Any, cfg: Any, run_id: Optional[str], tags: Optional[
     with ended_on_error(run_id, end=own_run):
         with mlflow.start_run(run_id=run_id):
             info = log(name)
+        model_id = getattr(info, "model_id", None) or ""
+        log_model_metrics(run_id, model_id, model_metrics or {}, model_metrics_step)
         version = str(info.registered_model_version)
         client = store.client()
         for k, v in (tags or {}).items():
             client.set_model_version_tag(name, version, k, str(mask(v, k)))
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
-            "alias": alias}
+            "alias": alias, "model_id": model_id}
 
 
 def invalid_input(message: str) -> Exception:
