@@ -17,6 +17,9 @@ from .server import check_reachable
 
 CANDIDATE_ALIAS = "candidate"
 TARGET_METRIC = "mAP"
+# MLflow 3's log_model links every run metric logged at its ``step`` (default 0: round 0's finetune loss ...)
+# to the logged model; lf2 logs no metric at this step, and links the final evaluation explicitly instead
+NO_METRICS_STEP = -1
 PARITY_TAG = "lf2.onnx.parity"  # "passed" | "failed", set by `lf2 export`; promote refuses "failed"
 
 
@@ -56,7 +59,7 @@ def log_and_register_pyfunc(
         return mlflow.pyfunc.log_model(
             name="model", loader_module=loader_module, data_path=data_path, code_paths=code_paths,
             signature=signature, input_example=pd.DataFrame({"image": list(input_images)}),
-            registered_model_name=name, pip_requirements=pip_requirements,
+            registered_model_name=name, pip_requirements=pip_requirements, step=NO_METRICS_STEP,
         )
 
     return _log_and_register(log, cfg, run_id, tags, alias, model_metrics, model_metrics_step)

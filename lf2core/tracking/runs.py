@@ -205,13 +205,16 @@ def read_artifact_text(run_id: Optional[str], path: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def system_metrics(run_id: Optional[str], interval_s: float = 10.0) -> Iterator[None]:
+def system_metrics(run_id: Optional[str], interval_s: Optional[float] = None) -> Iterator[None]:
     """Log MLflow system metrics (``system/*``: CPU, memory, disk, network; GPU when ``pynvml`` is
-    installed) into ``run_id`` every ``interval_s`` seconds while the block runs; steps continue those of
-    earlier stages of the run (``resume_logging``). No-op without a run or tracking."""
+    installed) into ``run_id`` every ``interval_s`` seconds (default ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    or 10) while the block runs; steps continue those of earlier stages of the run (``resume_logging``).
+    No-op without a run or tracking."""
     if not enabled() or not run_id:
         yield
         return
+    if interval_s is None:
+        interval_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "") or 10.0)
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
