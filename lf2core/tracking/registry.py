@@ -179,7 +179,8 @@ class PromotionDecision:
 
 
 def version_metric(model_name: str, version: str, metric: str = TARGET_METRIC) -> Optional[float]:
-    """The target metric of a registered version: its ``metric.<name>`` tag, else its run's ``eval/<name>``."""
+    """The target metric of a registered version: its ``metric.<name>`` tag, else its run's
+    ``summary/target_<name>`` (``eval/<name>`` for runs logged before the metric catalogue)."""
     client = store.client()
     mv = client.get_model_version(model_name, version)
     tag = (mv.tags or {}).get(f"metric.{metric}")
@@ -190,7 +191,7 @@ def version_metric(model_name: str, version: str, metric: str = TARGET_METRIC) -
             pass
     if mv.run_id:
         metrics = client.get_run(mv.run_id).data.metrics
-        for key in (f"eval/{metric}", metric):
+        for key in (f"summary/target_{metric}", f"eval/{metric}", metric):
             if key in metrics:
                 return float(metrics[key])
     return None
