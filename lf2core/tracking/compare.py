@@ -20,6 +20,8 @@ FINAL_KEYS = ("summary/target_mAP", "summary/target_R1", "summary/target_mINP", 
 IGNORED_PARAMS = ("tracking.",)  # where a run was logged, not what it computed
 SORT_KEY = "summary/target_mAP"
 UI_DEFAULT = "http://127.0.0.1:5000"  # `mlflow ui` for a local (sqlite) store
+# MLflow 3's UI opens in its GenAI mode unless told otherwise (a per-browser setting); the links say so
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 @dataclass
@@ -141,10 +143,10 @@ def run_links(run_id: str, model_name: str = "", version: str = "", tracking_uri
     exp = client().get_run(run_id).info.experiment_id
     base = ui_base(tracking_uri)
     order = urllib.parse.quote(f"metrics.`{SORT_KEY}`")
-    links = {"MLflow run": f"{base}/#/experiments/{exp}/runs/{run_id}",
-             "run charts": f"{base}/#/experiments/{exp}/runs/{run_id}/model-metrics",
-             "experiment runs (sorted by final target mAP)": f"{base}/#/experiments/{exp}/runs?orderByKey={order}"
-                                                             f"&orderByAsc=false"}
+    links = {"MLflow run": f"{base}/#/experiments/{exp}/runs/{run_id}?{TRAINING_VIEW}",
+             "run charts": f"{base}/#/experiments/{exp}/runs/{run_id}/model-metrics?{TRAINING_VIEW}",
+             "experiment runs (sorted by final target mAP)": f"{base}/#/experiments/{exp}/runs?{TRAINING_VIEW}"
+                                                             f"&orderByKey={order}&orderByAsc=false"}
     if model_name and version:
         links["model version"] = f"{base}/#/models/{model_name}/versions/{version}"
     return links
@@ -155,7 +157,8 @@ def compare_link(runs: Sequence[RunView], tracking_uri: Optional[str] = None) ->
 
     ids = json.dumps([r.run_id for r in runs]).replace(" ", "")
     exps = json.dumps(sorted({r.experiment_id for r in runs})).replace(" ", "")
-    return f"{ui_base(tracking_uri)}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(exps)}"
+    return (f"{ui_base(tracking_uri)}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments="
+            f"{urllib.parse.quote(exps)}&{TRAINING_VIEW}")
 
 
 def compare_main(refs: Sequence[str], experiment: Optional[str] = None, png: str = "compare_curves.png",
