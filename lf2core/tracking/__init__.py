@@ -22,7 +22,9 @@ Tracking URI: ``cfg.tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` or ``sql
 into a no-op (returning ``None``).
 
 The package: ``store`` (which store, masking, HTTP limits, the client), ``server`` (reachability
-check), ``runs`` (runs and what is logged into them), ``registry`` (register + promotion gate).
+check), ``runs`` (runs and what is logged into them), ``registry`` (register + promotion gate),
+``catalog`` (metric keys, units, rounding; no mlflow import), ``lineage`` (tags, dataset inputs),
+``compare`` (``lf2 compare``, UI links).
 """
 
 from .registry import (CANDIDATE_ALIAS, PARITY_TAG, TARGET_METRIC, PromotionDecision, describe_aliases,
