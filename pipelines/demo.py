@@ -128,7 +128,7 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
         else:
             print("\nWhere to look:\n"
                   f"  mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'lf2-demo', model 'lf2-reid'), "
-                  f"then:\n" + _links(res) +
+                  "then:\n" + _links(res) +
                   f"\n  pipeline outputs: {res['pipeline_root']}\n  summary: {outp / 'results.json'}")
         return summary
     finally:

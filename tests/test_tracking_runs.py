@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lf2core import __version__, tracking
+from lf2core import __version__
 from lf2core.tracking import catalog
 from test_pretrain import make_tiny_data, tiny_cfg
 

@@ -70,7 +70,8 @@ def compare_runs(refs: Sequence[str], experiment: Optional[str] = None, max_runs
     if experiment:
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
-            raise TrackingError(f"lf2 compare: no experiment {experiment!r} at {mask(resolve_tracking_uri(tracking_uri=tracking_uri))}")
+            where = mask(resolve_tracking_uri(tracking_uri=tracking_uri))
+            raise TrackingError(f"lf2 compare: no experiment {experiment!r} at {where}")
         exp_id = exp.experiment_id
     if not refs:
         if exp_id is None:
@@ -133,11 +134,13 @@ def ui_base(tracking_uri: Optional[str] = None) -> str:
     uri = resolve_tracking_uri(tracking_uri=tracking_uri)
     if uri.startswith(("http://", "https://")):
         parts = urllib.parse.urlsplit(uri)
-        return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))).rstrip("/")
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
     return UI_DEFAULT
 
 
-def run_links(run_id: str, model_name: str = "", version: str = "", tracking_uri: Optional[str] = None) -> dict[str, str]:
+def run_links(run_id: str, model_name: str = "", version: str = "",
+              tracking_uri: Optional[str] = None) -> dict[str, str]:
     """UI links: the run's page, its experiment's runs sorted by final target mAP (the training view),
     its charts, and the registered model version when given."""
     exp = client().get_run(run_id).info.experiment_id

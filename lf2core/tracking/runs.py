@@ -170,7 +170,8 @@ def active_run_id() -> Optional[str]:
     return run.info.run_id if run else None
 
 
-def metric_history(run_id: Optional[str], prefixes: tuple[str, ...] = ("round/",)) -> dict[str, list[tuple[int, float]]]:
+def metric_history(run_id: Optional[str],
+                   prefixes: tuple[str, ...] = ("round/",)) -> dict[str, list[tuple[int, float]]]:
     """``{key: [(step, value), ...]}`` of the run's metrics whose key starts with one of ``prefixes``
     (``{}`` when disabled or no run)."""
     if not enabled() or not run_id:
