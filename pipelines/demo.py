@@ -127,7 +127,7 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
             print(f"\nThe S3 and MLflow servers are stopped now; their logs are in {outp / 'servers'}.")
         else:
             print("\nWhere to look:\n"
-                  f"  mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'lf2-demo', model 'lf2-reid'), "
+                  "  mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'lf2-demo', model 'lf2-reid'), "
                   "then:\n" + _links(res) +
                   f"\n  pipeline outputs: {res['pipeline_root']}\n  summary: {outp / 'results.json'}")
         return summary
