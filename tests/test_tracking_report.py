@@ -79,3 +79,24 @@ def test_summary_markdown_rows() -> None:
     assert rows[0] == "| 0 | 31 | 45 | 200 | 0.7 |  |"
     assert rows[3] == "| 3 | 38.6 | 53.5 |  |  |  |"
     assert "commit `abc`" in md
+
+
+def test_run_links_open_the_training_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lf2core import tracking
+    from lf2core.tracking.compare import run_links
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LF2_TRACKING", raising=False)
+    cfg = load_config("demo", ["tracking.experiment=links"])
+    rid = tracking.create_run(cfg, "r")
+    exp = tracking.store.client().get_run(rid).info.experiment_id
+    links = run_links(rid, "lf2-reid", "3")
+    base = f"http://127.0.0.1:5000/#/experiments/{exp}/runs"
+    assert links == {
+        "MLflow run": f"{base}/{rid}?workflowType=machine_learning",
+        "run charts": f"{base}/{rid}/model-metrics?workflowType=machine_learning",
+        "experiment runs (sorted by final target mAP)":
+            f"{base}?workflowType=machine_learning&orderByKey=metrics.%60summary/target_mAP%60&orderByAsc=false",
+        "model version": "http://127.0.0.1:5000/#/models/lf2-reid/versions/3"}
+    assert tracking.store.client().get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
