@@ -121,7 +121,7 @@ def log_curve_point(cfg: Any, run_id: Optional[str], step: int, metrics: Mapping
                     seconds: Optional[float] = None) -> dict[str, float]:
     """``round/target/*`` = ``metrics`` at ``step`` (rounds done), ``round/time/eval_s``, the rank list of
     ``eval_dir`` as ``report/ranklist.png``; rebuilds the report. Returns what was logged."""
-    if not run_id:
+    if not run_id or not metrics:  # unlabelled target: no evaluation, the clustering is the curve
         return {}
     logged = _log(catalog.target_round(metrics), step, run_id)
     if seconds is not None:

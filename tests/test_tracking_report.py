@@ -100,3 +100,14 @@ def test_run_links_open_the_training_view(tmp_path: Path, monkeypatch: pytest.Mo
             f"{base}?workflowType=machine_learning&orderByKey=metrics.%60summary/target_mAP%60&orderByAsc=false",
         "model version": "http://127.0.0.1:5000/#/models/lf2-reid/versions/3"}
     assert tracking.store.client().get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_git_commit_inside_an_image_comes_from_its_tag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LF2_GIT_COMMIT", raising=False)
+    monkeypatch.setattr(lineage, "__file__", str(tmp_path / "a" / "b" / "lineage.py"))  # no .git above
+    monkeypatch.setenv("LF2_IMAGE", "registry.local:5000/lf2:0.1.0-0123456789ab-gpu")
+    assert lineage.git_commit() == "0123456789ab"
+    monkeypatch.setenv("LF2_IMAGE", "")
+    assert lineage.git_commit() == "unknown"
+    monkeypatch.setenv("LF2_GIT_COMMIT", "feedbeef")
+    assert lineage.git_commit() == "feedbeef"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -31,8 +32,13 @@ def as_uri(location: str) -> str:
     return Path(location).resolve().as_uri()
 
 
+_IMAGE_SHA = re.compile(r":[^:/]+-(?P<sha>[0-9a-f]{7,40})(-gpu)?$")  # lf2:<version>-<sha>[-gpu]
+
+
 def git_commit() -> str:
-    """``$LF2_GIT_COMMIT`` (set in built images), else the lf2 checkout's commit, else ``unknown``."""
+    """``$LF2_GIT_COMMIT``, else the lf2 checkout's commit (``-dirty`` with uncommitted changes), else the
+    commit in the image tag ``$LF2_IMAGE`` (``lf2:<version>-<sha>``, what ``make images`` builds: inside
+    an image there is no ``.git``), else ``unknown``."""
     env = os.environ.get("LF2_GIT_COMMIT", "").strip()
     if env:
         return env
@@ -40,7 +46,8 @@ def git_commit() -> str:
 
     repo = Path(__file__).resolve().parents[2]
     if not (repo / ".git").exists():
-        return "unknown"
+        m = _IMAGE_SHA.search(os.environ.get("LF2_IMAGE", ""))
+        return m["sha"] if m else "unknown"
     try:
         r = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
