@@ -47,12 +47,14 @@ def runs(mlflow_server, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tracked")
     data = make_tiny_data(tmp)
+    mp.setenv("LF2_GIT_COMMIT", "")  # the checkout's commit, as recorded before the runs
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {}
     for name, k in (("k4", 4), ("k3", 3)):
         cfg = tiny_cfg(*TINY_RUN, f"cluster.num_clusters={k}")
         out[name] = (run_local(cfg, str(tmp / name), data=str(data), eval_every=1, mlflow=True, run_name=name),
                      tmp / name, cfg)
-    yield out, data
+    yield out, data, head
     mp.undo()
 
 
@@ -73,7 +75,7 @@ def test_catalogue_rounds_rejects_unknown_and_docs_list_it() -> None:
 
 @pytest.mark.slow  # two tiny tracked runs (~60 s) + the servers
 def test_curve_summary_and_clustering_match_the_stage_outputs(runs, mlflow_server) -> None:
-    by_name, data = runs
+    by_name, data, head = runs
     summary, out, cfg = by_name["k4"]
     rid = summary["run_id"]
     pre = json.loads((out / "pretrain" / "metrics.json").read_text())["final"]
@@ -106,11 +108,10 @@ def test_curve_summary_and_clustering_match_the_stage_outputs(runs, mlflow_serve
 
 @pytest.mark.slow  # two tiny tracked runs (~60 s) + the servers
 def test_lineage_tags_and_dataset_inputs(runs, mlflow_server) -> None:
-    by_name, data = runs
+    by_name, data, head = runs
     summary, out, cfg = by_name["k4"]
     run = rest(mlflow_server, "runs/get", run_id=summary["run_id"])["run"]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert tags["lf2.version"] == __version__ and tags["lf2.git_commit"].split("-")[0] == head
     assert tags["lf2.recipe"] == "demo" and tags["lf2.runner"] == "run-local"
     assert tags["lf2.data"] == Path(data).resolve().as_uri() + "/manifest.json"
@@ -138,7 +139,7 @@ def test_lineage_tags_and_dataset_inputs(runs, mlflow_server) -> None:
 def test_logged_model_carries_the_final_evaluation(runs, mlflow_server, s3_env, monkeypatch) -> None:
     from lf2core.stages.register import register
 
-    by_name, _ = runs
+    by_name, _, _ = runs
     summary, out, cfg = by_name["k4"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     final_eval = out / "round_01" / "eval"
@@ -154,7 +155,7 @@ def test_logged_model_carries_the_final_evaluation(runs, mlflow_server, s3_env, 
 def test_compare_table_png_and_errors(runs, mlflow_server, tmp_path, capsys, monkeypatch) -> None:
     from lf2core.cli import main
 
-    by_name, _ = runs
+    by_name, _, _ = runs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     ids = [by_name[n][0]["run_id"] for n in ("k4", "k3")]
     png = tmp_path / "cmp.png"
