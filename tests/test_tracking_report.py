@@ -111,3 +111,14 @@ def test_git_commit_inside_an_image_comes_from_its_tag(monkeypatch: pytest.Monke
     assert lineage.git_commit() == "unknown"
     monkeypatch.setenv("LF2_GIT_COMMIT", "feedbeef")
     assert lineage.git_commit() == "feedbeef"
+
+
+def test_compare_without_runs_is_one_error_line_and_touches_no_store(tmp_path: Path, monkeypatch, capsys) -> None:
+    from lf2core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LF2_TRACKING", raising=False)
+    assert main(["compare"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["lf2: error: lf2 compare: give RUN_ID... or --experiment NAME"]
+    assert list(tmp_path.iterdir()) == []

@@ -59,6 +59,8 @@ def compare_runs(refs: Sequence[str], experiment: Optional[str] = None, max_runs
     ``max_runs`` latest runs of ``experiment``. TrackingError naming what is missing."""
     if not enabled():
         raise TrackingError("lf2 compare: tracking is disabled (LF2_TRACKING=off)")
+    if not refs and not experiment:  # before touching any store
+        raise TrackingError("lf2 compare: give RUN_ID... or --experiment NAME")
     use(tracking_uri=tracking_uri)
     from .server import check_reachable
 
@@ -74,8 +76,6 @@ def compare_runs(refs: Sequence[str], experiment: Optional[str] = None, max_runs
             raise TrackingError(f"lf2 compare: no experiment {experiment!r} at {where}")
         exp_id = exp.experiment_id
     if not refs:
-        if exp_id is None:
-            raise TrackingError("lf2 compare: give RUN_ID... or --experiment NAME")
         runs = c.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=max_runs)
         if not runs:
             raise TrackingError(f"lf2 compare: experiment {experiment!r} has no runs")
