@@ -193,5 +193,6 @@ def catalogue_markdown() -> str:
     """The catalogue as a Markdown table (docs/tracking.md embeds it; a test keeps them equal)."""
     lines = ["| key (regex) | step | digits | meaning |", "|---|---|---|---|"]
     for k in CATALOGUE:
-        lines.append(f"| `{k.pattern}` | {k.unit} | {k.digits or 'integer'} | {k.description.replace('|', '/')} |")
+        pattern = k.pattern.replace("|", "\\|")  # a bare | would split the table's columns
+        lines.append(f"| `{pattern}` | {k.unit} | {k.digits or 'integer'} | {k.description.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
