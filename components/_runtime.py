@@ -31,6 +31,9 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+_config = None  # the config of this component (load_config), for the logging helpers called after the stage
+
+
 def load_config(config_yaml: str):
     """The resolved config (YAML string produced by the ``resolve-config`` component)."""
     from lf2core import storage
@@ -38,7 +41,8 @@ def load_config(config_yaml: str):
 
     from lf2core import tracking
 
-    cfg = config_from_yaml(config_yaml)
+    global _config
+    cfg = _config = config_from_yaml(config_yaml)
     tracking.use(cfg)  # tracking.tracking_uri of the config, else $MLFLOW_TRACKING_URI, else ./mlflow.db
     if cfg.data.cache_dir:
         storage.set_cache_dir(cfg.data.cache_dir)
@@ -203,7 +207,7 @@ def env_summary() -> dict[str, Any]:
     """Non-secret facts about where a component ran (logged as MLflow tags by start-run)."""
     import platform
 
-    return {"lf2.host": platform.node(), "lf2.image": os.environ.get("LF2_IMAGE", "")}
+    return {"lf2.host": platform.node(), "lf2.image": os.environ.get("LF2_IMAGE", ""), "lf2.runner": "pipeline"}
 
 
 def stage_location(default: str, object_prefix: str, name: str, config_yaml: str, uris: list[str] | tuple[str, ...],
@@ -242,33 +246,55 @@ def run_stage(name: str, config_yaml: str, object_prefix: str, output: Any, inpu
     if any(p.name == "run_id" for p in st.params):
         params["run_id"] = tracking_run(run_id or "")
     from components.launch import run_stage_function  # in-process, torchrun or TrainJob (as compiled)
+    from lf2core import tracking
 
-    with failure_marks_run(run_id or ""):
+    with failure_marks_run(run_id or ""), tracking.system_metrics(run_id or None):
         result = run_stage_function(st, cfg, config_yaml, uris, out, params)
     return cfg, out, result
 
 
 def log_round_output(name: str, out: str, round_index: int, run_id: str) -> list[tuple[str, Any]]:
-    """Log a round stage's output to the pipeline's MLflow run at step = round: extract-features and
-    finetune summaries (``lf2core.stages.rounds.stage_summary``) under ``extract/`` / ``finetune/``; the
-    cluster statistics under ``cluster/`` with ``stats.json`` and the plot as artifacts of ``round_NN/``.
-    Returns the (key, value) rows a summary table shows."""
-    from lf2core import artifacts, tracking
-    from lf2core.stages.rounds import stage_summary
-    from lf2core.stages.table import CLUSTER
+    """Log a round stage's output to the pipeline's MLflow run at step = round through
+    ``lf2core.run_log.log_stage_output`` (the one logging point of the pipeline and run-local): after a
+    finetune, the adaptation curve's point when ``eval.every_rounds`` says so (evaluated into a temporary
+    directory). Uses the config of this component (``load_config``). Returns the (key, value) rows a
+    summary table shows."""
+    from lf2core import run_log
 
     rid = tracking_run(run_id)
-    if name != CLUSTER:
-        result = stage_summary(name, out)
-        tracking.log_metrics(result, step=round_index, run_id=rid, prefix=name.split("-")[0])
-        return list(tracking.flatten_metrics(result).items())
-    stats = {k: v for k, v in artifacts.read_cluster_stats(out).items() if k not in ("round", "method")}
-    tracking.log_metrics(stats, step=round_index, run_id=rid, prefix="cluster")
-    for file_name in (artifacts.CLUSTER_STATS, artifacts.CLUSTER_PLOT):
-        f = local_file(out, file_name)
-        if f is not None:
-            tracking.log_artifact(f, f"round_{round_index:02d}", run_id=rid)
-    return [(k, v) for k, v in tracking.flatten_metrics(stats).items() if "hist" not in k]
+    if not rid or _config is None:
+        return []
+    rows = run_log.log_stage_output(_config, name, out, round_index, rid, run_log.evaluate_in_temp(_config, rid))
+    return [(k.rsplit("/", 2)[-2] + "/" + k.rsplit("/", 1)[-1] if k.count("/") > 2 else k, v) for k, v in rows]
+
+
+def start_run(config_yaml: str, run_name: str, resume_run_id: str, data: Any, source_model: Any) -> str:
+    """The start-run component: create (or resume) the pipeline's MLflow run with the config as params,
+    lineage tags, dataset inputs, pretraining curves and the source-only curve point
+    (``lf2core.run_log.log_run_start``). Returns the run id ("" when tracking is off)."""
+    import time
+
+    from lf2core import run_log, tracking
+
+    setup_logging()
+    cfg = load_config(config_yaml)
+    if not tracking.enabled():
+        return ""
+    if resume_run_id:
+        tracking.configure(cfg)
+        return resume_run_id
+    name = run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.create_run(cfg, name, env_summary()) or ""
+    run_log.log_run_start(cfg, run_id, input_location(data), input_location(source_model))
+    return run_id
+
+
+def log_evaluation(cfg: Any, out: str, result: dict, run_id: str) -> None:
+    """The evaluate component's MLflow part: the final teacher's metrics as the curve's last point and
+    the ``summary/*`` metrics (``lf2core.run_log.log_final``)."""
+    from lf2core import run_log
+
+    run_log.log_final(cfg, tracking_run(run_id), result, out)
 
 
 ROUNDS_INDEX = "rounds.json"
@@ -301,10 +327,11 @@ def run_rounds(config_yaml: str, object_prefix: str, run_id: str, first_round: i
         log_round_output(name, out, r, run_id)
 
     from components.launch import stage_runner  # the training stages as compiled (torchrun, TrainJob)
+    from lf2core import tracking
 
     runner = stage_runner(cfg, config_yaml, after=after)
     location, entries = input_location(model), []
-    with failure_marks_run(run_id or ""), kept_models.models_in_memory():
+    with failure_marks_run(run_id or ""), kept_models.models_in_memory(), tracking.system_metrics(run_id or None):
         for r in range(first_round, last + 1):
             location, entry = runner.round(r, input_location(data), location, place)
             entries.append(entry)

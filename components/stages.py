@@ -60,40 +60,12 @@ def pretrain_source(config: str, object_prefix: str, data: Input[Dataset], model
 
 def start_run(config: str, run_name: str, resume_run_id: str, data: Input[Dataset],
               source_model: Input[Model]) -> str:
-    """Create (or resume) the pipeline's MLflow run; log params, config, data sizes and the pretraining
-    curves (step = epoch). Returns the run id ("" when tracking is off). Never cached."""
-    import json
-    import time
-
+    """Create (or resume) the pipeline's MLflow run: params, config, lineage tags, dataset inputs, the
+    pretraining curves (step = epoch) and the source-only point of the adaptation curve. Returns the run
+    id ("" when tracking is off). Never cached."""
     from components import _runtime as rt
-    from lf2core import artifacts, tracking
 
-    rt.setup_logging()
-    cfg = rt.load_config(config)
-    if not tracking.enabled():
-        return ""
-    if resume_run_id:
-        tracking.configure(cfg)
-        return resume_run_id
-    name = run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.create_run(cfg, name, rt.env_summary())
-    manifest = rt.local_file(rt.input_location(data), artifacts.MANIFEST)
-    if manifest is not None:
-        m = json.loads(manifest.read_text())
-        sizes = {f"{side}_{split}": len(m.get(side, {}).get(split, []))
-                 for side in ("source", "target") for split in ("train", "query", "gallery")}
-        tracking.log_metrics(sizes, step=0, run_id=run_id, prefix="data")
-    src = rt.input_location(source_model)
-    tracking.set_tags({"lf2.data": rt.input_location(data), "lf2.source_model": src}, run_id=run_id)
-    pm = rt.local_file(src, artifacts.METRICS)
-    if pm is not None:
-        pmetrics = json.loads(pm.read_text())
-        for row in pmetrics.get("history", []):
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row.get("epoch", 0)),
-                                 run_id=run_id, prefix="pretrain")
-        tracking.log_metrics(pmetrics.get("final", {}), step=0, run_id=run_id, prefix="pretrain/final")
-        tracking.log_artifact(pm, "pretrain", run_id=run_id)
-    return run_id or ""
+    return rt.start_run(config, run_name, resume_run_id, data, source_model)
 
 
 def extract_features(config: str, object_prefix: str, run_id: str, round_index: int, data: Input[Dataset],
@@ -156,19 +128,14 @@ def evaluate(config: str, object_prefix: str, run_id: str, data: Input[Dataset],
              summary: Output[Markdown]) -> None:
     """Stage evaluate: mAP / CMC of the final teacher on the target query/gallery."""
     from components import _runtime as rt
-    from lf2core import artifacts, tracking
+    from lf2core import artifacts
 
     cfg, out, result = rt.run_stage("evaluate", config, object_prefix, results, {"data": data, "model": model},
                                     run_id=run_id)
     rt.record_output(results, out, result)
     rt.log_kfp_metrics(metrics, result, ["mAP", "R1", "R5", "R10", "mINP"])
-    rid = rt.tracking_run(run_id)
-    tracking.log_metrics(result, step=cfg.finetune.rounds, run_id=rid, prefix="eval")
+    rt.log_evaluation(cfg, out, result, run_id)
     png = rt.local_file(out, artifacts.RANKLIST)
-    for name in (artifacts.METRICS, artifacts.RANKLIST):
-        f = rt.local_file(out, name)
-        if f is not None:
-            tracking.log_artifact(f, "eval", run_id=rid)
     rt.write_text(ranklist, rt.png_html("Rank lists (query + top-10, hits marked)", png))
     rows = [(k, result[k]) for k in ("mAP", "R1", "R5", "R10", "mINP") if k in result]
     rt.write_text(summary, rt.markdown_table("Target test split", rows))

@@ -122,9 +122,23 @@ def _run_local(args: argparse.Namespace) -> int:
     from .stages.run_local import run_local
 
     _claim_out(args, "")
-    _print_metrics(run_local(args.cfg, args.out, data=args.data, source_model=args.source_model,
-                             eval_every=args.eval_every)["metrics"])
+    every = args.cfg.eval.every_rounds if args.eval_every is None else args.eval_every
+    res = run_local(args.cfg, args.out, data=args.data, source_model=args.source_model, eval_every=every,
+                    mlflow=args.mlflow, run_name=args.run_name)
+    _print_metrics(res["metrics"])
+    if res.get("run_id"):
+        from .tracking.compare import run_links
+
+        for what, url in run_links(res["run_id"]).items():
+            print(f"{what}: {url}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .tracking.compare import compare_main
+
+    return compare_main(args.run_ids, experiment=args.experiment, png=args.png, tracking_uri=args.tracking_uri,
+                        max_runs=args.max_runs)
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -238,10 +252,26 @@ def _add_run_local(sub: Any) -> None:
     _add_overwrite(p)
     p.add_argument("--data", default=None, help="existing prepare-data output (default: prepare it)")
     p.add_argument("--source-model", default=None, help="existing pretrain output (default: pretrain)")
-    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="also evaluate the teacher every N rounds (target test split; curves only, never "
-                        "used to select anything; default 0 = only the final teacher)")
+                        "used to select anything; default: eval.every_rounds; 0 = only the final teacher)")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log the run to MLflow as the pipeline does (tracking.tracking_uri, $MLFLOW_TRACKING_URI "
+                        "or ./mlflow.db; experiment tracking.experiment)")
+    p.add_argument("--run-name", default=None, help="MLflow run name (with --mlflow)")
     p.set_defaults(func=_run_local)
+
+
+def _add_compare(sub: Any) -> None:
+    p = sub.add_parser("compare", help="compare MLflow runs: config differences, final metrics, best round, "
+                                       "adaptation curves side by side (PNG)")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids or run names (default with "
+                                                                "--experiment: its latest runs)")
+    p.add_argument("--experiment", "-e", default=None, help="experiment holding the runs (names are looked up there)")
+    p.add_argument("--png", default="compare_curves.png", help="curves PNG (default compare_curves.png; '' = none)")
+    p.add_argument("--max-runs", type=int, default=5, help="with --experiment and no RUN_ID: this many latest runs")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_compare)
 
 
 def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
@@ -257,6 +287,7 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     _add_export(sub)
     _add_search(sub)
     _add_run_local(sub)
+    _add_compare(sub)
     for cmd in commands:
         cmd.add(sub)
     return parser

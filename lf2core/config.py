@@ -181,6 +181,9 @@ class EvalConfig:
     flip: bool = True
     rerank: bool = False
     max_rank: int = _f(50, ge=1)
+    # adaptation curve: evaluate the teacher on the target test split every N rounds (report only, never
+    # used for selection; the final teacher is always evaluated); 0 = the final teacher only
+    every_rounds: int = _f(1, ge=0)
 
 
 @dataclass

@@ -29,6 +29,8 @@ THUMB_W, THUMB_H = 64, 128  # re-ID crops are 1:2
 HIT_COLOR, MISS_COLOR, QUERY_COLOR = "#1a9e3a", "#d62728", "#1f4fb4"
 LABEL_SETS = ("global", "upper", "lower")
 SET_COLORS = {"global": "#1f77b4", "upper": "#ff7f0e", "lower": "#2ca02c"}
+METRIC_MARKERS = {"nmi": "o", "ari": "s", "pairwise_precision": "^", "pairwise_recall": "v",
+                  "num_clusters": "o", "outlier_ratio": "o"}
 
 
 class PlotError(Lf2Error, ValueError):
@@ -241,20 +243,24 @@ def cluster_stats_figure(stats_per_round: list[dict]) -> Figure:
     panels = [
         (fig.add_subplot(grid[0, 0]), "Number of clusters", [("num_clusters", "-")]),
         (fig.add_subplot(grid[0, 1]), "Outlier ratio", [("outlier_ratio", "-")]),
-        (fig.add_subplot(grid[0, 2]), "NMI (solid), ARI (dashed) vs true ids", [("nmi", "-"), ("ari", "--")]),
-        (fig.add_subplot(grid[1, 0]), "Pairwise precision (solid), recall (dashed)",
-         [("pairwise_precision", "-"), ("pairwise_recall", "--")]),
+        (fig.add_subplot(grid[0, 2]), "NMI (o, solid) / ARI (s, dashed) vs true ids",
+         [("nmi", "-"), ("ari", "--")]),
+        (fig.add_subplot(grid[1, 0]), "Pair precision (^, solid) / recall (v, dotted)",
+         [("pairwise_precision", "-"), ("pairwise_recall", ":")]),
     ]
+    lo, hi = min(rounds), max(rounds)
     for ax, title, keys in panels:
         drawn = False
         for s in sets:
             for key, style in keys:
                 xs, ys = _series(stats, rounds, s, key)
                 if xs:
-                    ax.plot(xs, ys, style, marker="o", markersize=3, color=colors[s], label=f"{s} {key}")
+                    ax.plot(xs, ys, style, marker=METRIC_MARKERS.get(key, "o"), markersize=5, linewidth=1.6,
+                            color=colors[s], label=f"{s} {key}")
                     drawn = True
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
+        ax.set_xlim(lo - 0.5, hi + 0.5)  # whole rounds, also for a single point
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if drawn:
@@ -284,7 +290,8 @@ def cluster_stats_figure(stats_per_round: list[dict]) -> Figure:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle("Pseudo-label clustering per round", fontsize=12)
+    span = f"round {lo:g}" if lo == hi else f"rounds {lo:g}-{hi:g}"
+    fig.suptitle(f"Pseudo-label clustering, {span} (colour = label set, marker/line = metric)", fontsize=12)
     fig.tight_layout()
     return fig
 

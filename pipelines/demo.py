@@ -62,6 +62,17 @@ def _count_objects(bucket: str) -> tuple[int, int]:
     return n, size
 
 
+def _links(res: dict[str, Any]) -> str:
+    """The MLflow UI links of the demo's run: its page, the experiment's runs sorted by final target mAP,
+    the run's charts, the registered model version (``lf2core.tracking.compare.run_links``)."""
+    from lf2core.tracking.compare import run_links
+
+    if not res.get("run_id"):
+        return "  (tracking off: no MLflow run)"
+    links = run_links(res["run_id"], "lf2-reid", str(res.get("version") or ""))
+    return "\n".join(f"  {what}: {url}" for what, url in links.items())
+
+
 def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Optional[list[str]] = None,
              cache: bool = True, runner: str = "subprocess", image: Optional[str] = None,
              rounds_per_task: int = 1) -> dict[str, Any]:
@@ -116,8 +127,9 @@ def run_demo(out: str, use_s3: bool = False, recipe: str = "demo", overrides: Op
             print(f"\nThe S3 and MLflow servers are stopped now; their logs are in {outp / 'servers'}.")
         else:
             print("\nWhere to look:\n"
-                  f"  mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'lf2-demo', model 'lf2-reid')\n"
-                  f"  pipeline outputs: {res['pipeline_root']}\n  summary: {outp / 'results.json'}")
+                  "  mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'lf2-demo', model 'lf2-reid'), "
+                  "then:\n" + _links(res) +
+                  f"\n  pipeline outputs: {res['pipeline_root']}\n  summary: {outp / 'results.json'}")
         return summary
     finally:
         stack.close()

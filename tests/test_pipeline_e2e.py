@@ -76,15 +76,18 @@ def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: st
     assert run.data.params == tracking.masked_params(cfg.flat())
     assert client.get_experiment(run.info.experiment_id).name == "e2e"
     m = run.data.metrics
-    assert m["eval/mAP"] == pytest.approx(ev["mAP"]) and m["data/target_train"] > 0
-    assert [h.step for h in client.get_metric_history(res["run_id"], "eval/mAP")] == [1]
-    cluster_metrics = [k for k in m if k.startswith("cluster/")]
+    # adaptation curve: step 0 = the source model (pretrain's target report), step 1 = the final teacher
+    assert m["summary/target_mAP"] == pytest.approx(ev["mAP"], rel=1e-3, abs=1e-9)
+    assert int(run.data.tags["lf2.data.target_train_images"]) > 0
+    assert [h.step for h in client.get_metric_history(res["run_id"], "round/target/mAP")] == [0, 1]
+    cluster_metrics = [k for k in m if k.startswith("round/cluster/")]
     assert cluster_metrics and all(h.step == 0 for h in client.get_metric_history(res["run_id"], cluster_metrics[0]))
-    assert any(k.startswith("finetune/") for k in m) and any(k.startswith("pretrain/") for k in m)
+    assert any(k.startswith("round/finetune/") for k in m) and any(k.startswith("epoch/pretrain/") for k in m)
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
-    assert {"config.yaml", "round_00", "eval", "pretrain"} <= arts
+    assert {"config.yaml", "round_00", "eval", "pretrain", "report"} <= arts
     assert {a.path for a in client.list_artifacts(res["run_id"], "eval")} >= {"eval/metrics.json", "eval/ranklist.png"}
-    assert "round_00/cluster_stats.png" in {a.path for a in client.list_artifacts(res["run_id"], "round_00")}
+    assert "round_00/stats.json" in {a.path for a in client.list_artifacts(res["run_id"], "round_00")}
+    assert "report/run_summary.png" in {a.path for a in client.list_artifacts(res["run_id"], "report")}
     art_keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])]
     assert any(res["run_id"] in k and k.endswith("config.yaml") for k in art_keys)
 

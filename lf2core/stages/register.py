@@ -13,8 +13,10 @@ transform at ``data.height`` x ``data.width``), output the teacher's L2-normalis
 embedding ``[B, (K+1) * C]`` -- what ``evaluate`` measures. Its signature and an input example are stored
 with it, ``lf2core`` is bundled as code so ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
 work without installing lf2 (docs/serving.md).
-The version is tagged (recipe, source/target data, checkpoint, ``metric.<name>`` for every evaluation
-figure) and the alias ``candidate`` points at it; ``lf2 promote`` decides about ``champion``.
+The version is tagged (lineage: ``lf2core.tracking.lineage``, checkpoint URI, ``metric.<name>`` for every
+evaluation figure) and the alias ``candidate`` points at it; ``lf2 promote`` decides about ``champion``.
+The logged model (MLflow 3 ``LoggedModel``) carries the final evaluation as its metrics
+(``summary/target_*``, linked by model id), not the run's metrics of the moment it was logged.
 """
 
 from __future__ import annotations
@@ -92,13 +94,13 @@ def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None
     scores = read_metrics(metrics)
     net, info = load_eval_model(cfg, model)
     h, w = cfg.data.height, cfg.data.width
+    from ..tracking import catalog, lineage
+
     tags: dict[str, Any] = {
-        "lf2.recipe": cfg.recipe,
-        "lf2.source": f"{cfg.data.source.name}:{cfg.data.source.root}",
-        "lf2.target": f"{cfg.data.target.name}:{cfg.data.target.root}",
+        **lineage.lineage_tags(cfg),
         "lf2.arch": info["arch"],
         "lf2.variant": info["variant"],
-        "lf2.checkpoint": info["checkpoint"],
+        "lf2.checkpoint": lineage.as_uri(model),
         "lf2.input": f"images (encoded JPEG/PNG or uint8 HxWx3 RGB), resized to {h}x{w} inside",
     }
     if "synthetic" in (cfg.data.source.name, cfg.data.target.name):
@@ -127,6 +129,9 @@ def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None
         info = tracking.log_and_register_pyfunc(
             "lf2core.serving.pyfunc", str(Path(tmp) / "lf2"), [example_image(h, w)], dim, cfg=cfg,
             run_id=run_id or None, tags=tags, code_paths=[str(pkg)], pip_requirements=reqs,
+            model_metrics=catalog.design({f"summary/target_{k}": v for k, v in scores.items()
+                                          if k in catalog.RETRIEVAL}),
+            model_metrics_step=cfg.finetune.rounds,
         )
     out: dict[str, Any] = {"registered": info is not None, "mAP": scores.get("mAP")}
     if info is not None:

@@ -19,18 +19,22 @@ finetune resumes inside a round from its own training state, so re-running the s
 crash continues where it stopped. Resuming with settings that would change a finished stage is refused
 (``ConfigError``); a larger ``finetune.rounds`` extends a finished run.
 
-The per-round evaluations (``eval_every``) use the TARGET TEST split; they are for reporting curves only
-(the benchmark's plots) -- nothing reads them back, no round or model is selected with them: the final
-teacher is the one evaluated last and registered.
+The per-round evaluations (``eval_every``; ``lf2 run-local`` takes ``eval.every_rounds`` unless
+``--eval-every`` is given) use the TARGET TEST split; they are for reporting curves only (the
+benchmark's plots, the MLflow adaptation curve) -- nothing reads them back, no round or model is selected
+with them: the final teacher is the one evaluated last and registered. ``paper_comparable`` is the one
+exception, labelled as such: the best of those test-split figures, as the released code reports them
+(test-set selection; never used for promotion).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Optional
 
-from .. import artifacts, kept_models, storage
+from .. import artifacts, kept_models, run_log, storage, tracking
 from ..config import Config, ConfigError
 from ..errors import StorageError
 from .rounds import Place, StageRunner, stage_summary
@@ -116,24 +120,42 @@ def run_local(
     data: Optional[str] = None,
     source_model: Optional[str] = None,
     eval_every: int = 0,
+    mlflow: bool = False,
+    run_name: Optional[str] = None,
 ) -> dict[str, Any]:
     """prepare -> pretrain -> rounds x (extract -> cluster -> finetune) -> evaluate.
 
+    ``mlflow``: also log the run to MLflow (``cfg.tracking``; ``lf2 run-local --mlflow``) exactly as the
+    pipeline does (``lf2core.run_log``: the adaptation curve at the ``eval_every`` rounds evaluated here,
+    clustering, plots, summary metrics, lineage, system metrics); the run is named ``run_name``.
+
     Returns ``{"metrics": final eval, "source_only": {...} | None,
     "rounds": [{"round", "cluster": {set: stats}, "eval": {...}?, "finetune": {...}}], "seconds": {...},
-    "paper_comparable": best-of-rounds on the target test split (``paper_comparable``) | None}``.
+    "paper_comparable": best-of-rounds on the target test split (``paper_comparable``) | None,
+    "run_id": the MLflow run | None}``.
     """
     _claim_run_dir(out)
-    runner = StageRunner(cfg)
     own_data, own_source = data is None, source_model is None
     data = storage.join(out, "data") if own_data else data
     source_model = storage.join(out, "pretrain") if own_source else source_model
     # recorded before any stage runs: a run killed at any point resumes, one with other settings is refused
     _check_run_config(cfg, out, data, source_model)
+    run_id = tracking.create_run(cfg, run_name, {"lf2.runner": "run-local"}) if mlflow else None
+    with tracking.ended_on_error(run_id), tracking.system_metrics(run_id):
+        return _run(cfg, out, data, source_model, eval_every, own_data, own_source, run_id)
+
+
+def _run(cfg: Config, out: str, data: str, source_model: str, eval_every: int, own_data: bool, own_source: bool,
+         run_id: Optional[str]) -> dict[str, Any]:
+    def after(name: str, r: int, output: str) -> None:
+        run_log.log_stage_output(cfg, name, output, r, run_id)  # the curve points are evaluated below
+
+    runner = StageRunner(cfg, after=after if run_id else None)
     if own_data:
         runner.run(PREPARE, data)
     if own_source:
         runner.run(PRETRAIN, source_model, data)
+    run_log.log_run_start(cfg, run_id, data, source_model)
     source_only = None
     if storage.exists(storage.join(source_model, artifacts.METRICS)):
         final = artifacts.read_final_metrics(source_model)
@@ -143,19 +165,22 @@ def run_local(
     with kept_models.models_in_memory():
         for r in range(n_rounds):
             model, entry = runner.round(r, data, model, _place(out))
-            if eval_every > 0 and (r + 1) % eval_every == 0 and r + 1 < n_rounds:
+            if run_log.curve_due(eval_every, r, n_rounds):
                 # report only (target test split), never used for selection
+                t0 = time.time()
                 ev = runner.run(EVALUATE, storage.join(round_dir(out, r), "eval"), data, model)
                 entry["eval"] = stage_summary(EVALUATE, ev)
+                run_log.log_curve_point(cfg, run_id, r + 1, entry["eval"], ev, time.time() - t0)
             rounds.append(entry)
     # the final model's evaluation sits with its round, so a run extended by more rounds evaluates anew
     ev = storage.join(round_dir(out, n_rounds - 1), "eval") if n_rounds > 0 else storage.join(out, "eval")
     metrics = artifacts.read_metrics(runner.run(EVALUATE, ev, data, model))
+    run_log.log_final(cfg, run_id, metrics, ev, seconds=runner.seconds)
     if n_rounds > 0 and rounds and eval_every > 0:
         rounds[-1]["eval"] = metrics
     summary = {"metrics": metrics, "source_only": source_only, "rounds": rounds, "seconds": runner.seconds,
                "model": model, "variant": cfg.finetune.variant, "cluster_method": cfg.cluster.method,
-               "paper_comparable": paper_comparable(rounds)}
+               "paper_comparable": paper_comparable(rounds), "run_id": run_id}
     pc = summary["paper_comparable"]
     if pc is not None:
         log.info("final teacher: mAP %.1f%% R1 %.1f%%; paper-comparable (round %d, %s): mAP %.1f%% R1 %.1f%%",

@@ -1,14 +1,16 @@
 """MLflow 3 tracking, registry and promotion: the only lf2core package that imports mlflow.
 
-Layout in MLflow (chosen so that comparing pipeline runs in the UI is easy):
+Layout in MLflow (chosen so that comparing pipeline runs in the UI is easy; docs/tracking.md):
 
-- one MLflow run per pipeline run, in experiment ``cfg.tracking.experiment``; params = the resolved
-  config (``Config.flat()``, secrets masked), tags ``lf2.recipe``, ``lf2.source``, ``lf2.target``;
-- every stage logs into that run with ``step = round index``: ``pretrain/...`` (step = epoch),
-  ``cluster/<set>/clusters``, ``cluster/<set>/outlier_ratio``, ``cluster/<set>/nmi|ari``,
-  ``finetune/...`` losses, ``eval/mAP``, ``eval/R1`` ... so the metric charts show curves over rounds
-  and the runs table compares final values;
-- artifacts: ``config.yaml``, ``round_XX/cluster_stats.png``, ``eval/ranklist.png``, ``*/metrics.json``;
+- one MLflow run per pipeline run (or ``lf2 run-local --mlflow``), in experiment ``cfg.tracking.experiment``;
+  params = the resolved config (``Config.flat()``, secrets masked); lineage tags and dataset inputs
+  (``lineage``);
+- metric keys namespaced by the unit of their step (``catalog``): ``epoch/*`` (pretraining),
+  ``round/*`` (the adaptation curve ``round/target/*`` at step = rounds done, clustering, finetune,
+  timing), ``summary/*`` (one value per run: what the runs table sorts by); what is logged when is
+  decided by ``lf2core.run_log`` for the pipeline and run-local alike;
+- artifacts: ``config.yaml``, ``report/`` (plots + summary, rebuilt each round), ``round_NN/stats.json``,
+  ``eval/``, ``pretrain/metrics.json``;
 - ``register`` logs the teacher as an MLflow pyfunc that takes images (``lf2core.serving.pyfunc``;
   signature + input example), registers it as ``lf2-reid``, tags the version with data/recipe/metrics
   and points the alias ``candidate`` at it; ``lf2 export`` attaches the ONNX file and its parity report
@@ -20,14 +22,16 @@ Tracking URI: ``cfg.tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` or ``sql
 into a no-op (returning ``None``).
 
 The package: ``store`` (which store, masking, HTTP limits, the client), ``server`` (reachability
-check), ``runs`` (runs and what is logged into them), ``registry`` (register + promotion gate).
+check), ``runs`` (runs and what is logged into them), ``registry`` (register + promotion gate),
+``catalog`` (metric keys, units, rounding; no mlflow import), ``lineage`` (tags, dataset inputs),
+``compare`` (``lf2 compare``, UI links).
 """
 
 from .registry import (CANDIDATE_ALIAS, PARITY_TAG, TARGET_METRIC, PromotionDecision, describe_aliases,
                        download_model, invalid_input, log_and_register_pyfunc, log_version_report, promote,
                        promote_main, register_model, resolve_model_uri, version_metric)
-from .runs import (create_run, end_run, ended_on_error, log_artifact, log_metrics, log_params, log_text, set_tags,
-                   start_run)
+from .runs import (create_run, end_run, ended_on_error, log_artifact, log_metrics, log_model_metrics, log_params,
+                   log_text, metric_history, read_artifact_text, run_tags, set_tags, start_run, system_metrics)
 from .server import check_reachable
 from .store import (DEFAULT_ARTIFACT_DIR, DEFAULT_TRACKING_URI, HEALTH_TIMEOUT, HTTP_DEFAULTS, TrackingError,
                     configure, enabled, flatten_metrics, mask, masked_params, resolve_tracking_uri, use)
@@ -38,5 +42,6 @@ __all__ = [
     "download_model", "enabled", "end_run", "ended_on_error", "flatten_metrics", "invalid_input",
     "log_and_register_pyfunc", "log_artifact", "log_version_report", "register_model", "resolve_model_uri",
     "log_metrics", "log_params", "log_text", "mask", "masked_params", "promote", "promote_main",
-    "resolve_tracking_uri", "set_tags", "start_run", "use", "version_metric",
+    "resolve_tracking_uri", "set_tags", "start_run", "use", "version_metric", "log_model_metrics", "metric_history",
+    "read_artifact_text", "run_tags", "system_metrics",
 ]

@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .runs import create_run, ended_on_error
+from .runs import create_run, ended_on_error, log_model_metrics
 from . import store
 from .store import TrackingError, configure, enabled, mask, resolve_tracking_uri, set_uri
 from .server import check_reachable
 
 CANDIDATE_ALIAS = "candidate"
 TARGET_METRIC = "mAP"
+# MLflow 3's log_model links every run metric logged at its ``step`` (default 0: round 0's finetune loss ...)
+# to the logged model; lf2 logs no metric at this step, and links the final evaluation explicitly instead
+NO_METRICS_STEP = -1
 PARITY_TAG = "lf2.onnx.parity"  # "passed" | "failed", set by `lf2 export`; promote refuses "failed"
 
 
@@ -32,11 +35,14 @@ def log_and_register_pyfunc(
     alias: str = CANDIDATE_ALIAS,
     code_paths: Optional[list[str]] = None,
     pip_requirements: Optional[list[str]] = None,
+    model_metrics: Optional[Mapping[str, float]] = None,
+    model_metrics_step: int = 0,
 ) -> Optional[dict[str, Any]]:
     """Log an image-in pyfunc (``loader_module`` + ``data_path``, the lf2 serving model) with the
     signature ``image: binary`` -> float32 ``[-1, output_dim]`` and ``input_images`` (encoded images) as
     input example; register it as ``cfg.tracking.registered_model``, tag the version with ``tags`` and
-    point ``alias`` at it. Returns ``{"name", "version", "model_uri", "run_id", "alias"}``; ``None`` when
+    point ``alias`` at it; ``model_metrics`` are logged into the run linked to the logged model (its page
+    shows them). Returns ``{"name", "version", "model_uri", "run_id", "alias", "model_id"}``; ``None`` when
     tracking is off."""
     if not enabled():
         return None
@@ -53,14 +59,15 @@ def log_and_register_pyfunc(
         return mlflow.pyfunc.log_model(
             name="model", loader_module=loader_module, data_path=data_path, code_paths=code_paths,
             signature=signature, input_example=pd.DataFrame({"image": list(input_images)}),
-            registered_model_name=name, pip_requirements=pip_requirements,
+            registered_model_name=name, pip_requirements=pip_requirements, step=NO_METRICS_STEP,
         )
 
-    return _log_and_register(log, cfg, run_id, tags, alias)
+    return _log_and_register(log, cfg, run_id, tags, alias, model_metrics, model_metrics_step)
 
 
 def _log_and_register(log: Any, cfg: Any, run_id: Optional[str], tags: Optional[Mapping[str, Any]],
-                      alias: str) -> dict[str, Any]:
+                      alias: str, model_metrics: Optional[Mapping[str, float]] = None,
+                      model_metrics_step: int = 0) -> dict[str, Any]:
     import mlflow
 
     configure(cfg)
@@ -71,13 +78,15 @@ def _log_and_register(log: Any, cfg: Any, run_id: Optional[str], tags: Optional[
     with ended_on_error(run_id, end=own_run):
         with mlflow.start_run(run_id=run_id):
             info = log(name)
+        model_id = getattr(info, "model_id", None) or ""
+        log_model_metrics(run_id, model_id, model_metrics or {}, model_metrics_step)
         version = str(info.registered_model_version)
         client = store.client()
         for k, v in (tags or {}).items():
             client.set_model_version_tag(name, version, k, str(mask(v, k)))
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": run_id,
-            "alias": alias}
+            "alias": alias, "model_id": model_id}
 
 
 def invalid_input(message: str) -> Exception:
@@ -170,7 +179,8 @@ class PromotionDecision:
 
 
 def version_metric(model_name: str, version: str, metric: str = TARGET_METRIC) -> Optional[float]:
-    """The target metric of a registered version: its ``metric.<name>`` tag, else its run's ``eval/<name>``."""
+    """The target metric of a registered version: its ``metric.<name>`` tag, else its run's
+    ``summary/target_<name>`` (``eval/<name>`` for runs logged before the metric catalogue)."""
     client = store.client()
     mv = client.get_model_version(model_name, version)
     tag = (mv.tags or {}).get(f"metric.{metric}")
@@ -181,7 +191,7 @@ def version_metric(model_name: str, version: str, metric: str = TARGET_METRIC) -
             pass
     if mv.run_id:
         metrics = client.get_run(mv.run_id).data.metrics
-        for key in (f"eval/{metric}", metric):
+        for key in (f"summary/target_{metric}", f"eval/{metric}", metric):
             if key in metrics:
                 return float(metrics[key])
     return None

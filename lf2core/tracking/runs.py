@@ -13,6 +13,8 @@ from typing import Any, Iterator, Mapping, Optional
 from .store import client, configure, enabled, flatten_metrics, mask, masked_params
 
 log = logging.getLogger("lf2core.tracking")
+# MLflow 3's UI shows an experiment as GenAI (traces) or model training by this tag
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def create_run(cfg: Any, run_name: Optional[str] = None, tags: Optional[Mapping[str, str]] = None,
@@ -20,13 +22,17 @@ def create_run(cfg: Any, run_name: Optional[str] = None, tags: Optional[Mapping[
     """Create the pipeline's parent run (not left active in this process); logs params and config.yaml."""
     if not enabled():
         return None
+    from .lineage import lineage_tags
+
     exp_id = configure(cfg, experiment=experiment)
-    all_tags = {"lf2.recipe": str(cfg.recipe), "lf2.source": f"{cfg.data.source.name}:{mask(cfg.data.source.root)}",
-                "lf2.target": f"{cfg.data.target.name}:{mask(cfg.data.target.root)}"}
+    c = client()
+    if EXPERIMENT_KIND_TAG not in c.get_experiment(exp_id).tags:  # the UI opens on the training runs
+        c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    all_tags = lineage_tags(cfg)
     all_tags.update(tags or {})
     if run_name:
         all_tags["mlflow.runName"] = run_name
-    run = client().create_run(exp_id, tags=all_tags)
+    run = c.create_run(exp_id, tags={k: str(mask(v, k)) for k, v in all_tags.items()})
     run_id = run.info.run_id
     log_params(cfg.flat(), run_id=run_id)
     log_text(_masked_yaml(cfg), "config.yaml", run_id=run_id)
@@ -162,3 +168,82 @@ def active_run_id() -> Optional[str]:
 
     run = mlflow.active_run()
     return run.info.run_id if run else None
+
+
+def metric_history(run_id: Optional[str],
+                   prefixes: tuple[str, ...] = ("round/",)) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` of the run's metrics whose key starts with one of ``prefixes``
+    (``{}`` when disabled or no run)."""
+    if not enabled() or not run_id:
+        return {}
+    c = client()
+    keys = [k for k in c.get_run(run_id).data.metrics if k.startswith(prefixes)]
+    return {k: sorted((int(m.step), float(m.value)) for m in c.get_metric_history(run_id, k)) for k in keys}
+
+
+def run_tags(run_id: Optional[str]) -> dict[str, str]:
+    """The tags of ``run_id`` (``{}`` when disabled or no run)."""
+    if not enabled() or not run_id:
+        return {}
+    return dict(client().get_run(run_id).data.tags)
+
+
+def read_artifact_text(run_id: Optional[str], path: str) -> Optional[str]:
+    """The text of the run's artifact ``path``; None when missing (or tracking is off)."""
+    if not enabled() or not run_id:
+        return None
+    import tempfile
+
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="lf2-artifact-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                                        tracking_uri=client().tracking_uri)
+        except Exception:  # noqa: BLE001 - missing artifact: MlflowException or an OSError from the store
+            return None
+        return Path(local).read_text()
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: Optional[str], interval_s: Optional[float] = None) -> Iterator[None]:
+    """Log MLflow system metrics (``system/*``: CPU, memory, disk, network; GPU when ``pynvml`` is
+    installed) into ``run_id`` every ``interval_s`` seconds (default ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    or 10) while the block runs; steps continue those of earlier stages of the run (``resume_logging``).
+    No-op without a run or tracking."""
+    if not enabled() or not run_id:
+        yield
+        return
+    if interval_s is None:
+        interval_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "") or 10.0)
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=client().tracking_uri)
+        monitor.start()
+    except Exception as e:  # noqa: BLE001 - monitoring must never fail a stage (e.g. psutil missing)
+        log.warning("system metrics not logged: %s", e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            monitor.finish()
+        except Exception as e:  # noqa: BLE001
+            log.warning("system metrics monitor did not stop cleanly: %s", e)
+
+
+def log_model_metrics(run_id: str, model_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """``metrics`` (already designed: ``catalog.design``) logged into ``run_id`` AND linked to the logged
+    model ``model_id``, so the model's page in MLflow shows them."""
+    if not enabled() or not run_id or not model_id or not metrics:
+        return
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step), model_id=model_id)
+                                        for k, v in metrics.items()])
