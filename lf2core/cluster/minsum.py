@@ -83,7 +83,7 @@ def jaccard_from_v(v: sp.csr_matrix, progress: bool = False, max_distance: Optio
     row_nnz = np.diff(v.indptr).astype(np.int64)
     cols = _inverted_columns(v)
     # terms of each stored V[i, c]: the rows j >= i of column c (from i's own place in that column)
-    entry_terms = cols[0][v.indices.astype(np.int64) + 1] - cols[4]
+    entry_terms = (cols[0][v.indices + 1] - cols[4]).astype(cols[4].dtype)
     max_rows = max(1, MINSUM_BUFFER // n)
     edges = _block_edges(v, row_nnz, entry_terms, max_rows)
     mark = np.zeros(max_rows * n, dtype=bool)
@@ -137,15 +137,17 @@ def _symmetric(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n: int
 
 def _inverted_columns(v: sp.csr_matrix) -> tuple[np.ndarray, ...]:
     """V's columns as inverted lists: ``(col_ptr [N+1] int64, col_rows [nnz] (V's index dtype), col_vals
-    [nnz], col_cnt [N] int64, place [nnz] int64)``, rows ascending within each column; ``place[e]`` is
-    the position in those lists of V's CSR entry ``e``."""
-    marked = sp.csr_matrix((np.arange(v.nnz, dtype=np.float64), v.indices, v.indptr), shape=v.shape)
+    [nnz], col_cnt [N] int64, place [nnz] int32 (int64 past 2^31 entries))``, rows ascending within each
+    column; ``place[e]`` is the position in those lists of V's CSR entry ``e``."""
+    small = np.int32 if v.nnz < np.iinfo(np.int32).max else np.int64
+    marked = sp.csr_matrix((np.arange(v.nnz, dtype=small), v.indices, v.indptr), shape=v.shape)
     vt = marked.tocsc()  # rows come out ascending within each column (a counting sort over rows)
     vt.sort_indices()
+    del marked
     col_ptr = vt.indptr.astype(np.int64)
-    entry = vt.data.astype(np.int64)
-    place = np.empty(v.nnz, dtype=np.int64)
-    place[entry] = np.arange(v.nnz, dtype=np.int64)
+    entry = vt.data
+    place = np.empty(v.nnz, dtype=small)
+    place[entry] = np.arange(v.nnz, dtype=small)
     return col_ptr, vt.indices, v.data[entry], np.diff(col_ptr), place
 
 
