@@ -134,6 +134,12 @@ def test_stage_eps_auto_chooses_eps_per_set_and_logs_it(tmp_path):
         assert np.array_equal(labels[name], pseudo_labels(arrays[name], "dbscan", k1=15, k2=6, eps=want,
                                                           min_samples=4))
     assert len({stats[n]["eps"] for n in ("global", "upper", "lower")}) == 3  # chosen per set
+    from lf2core.tracking import catalog  # what the run logs per round (no mlflow needed for the mapping)
+
+    logged = catalog.cluster_round(stats)
+    assert logged["round/cluster/upper/eps"] == pytest.approx(stats["upper"]["eps"], rel=1e-3)
+    assert logged["round/cluster/global/eps_pairs_per_image"] == pytest.approx(0.01 * (len(labels["global"]) - 1),
+                                                                               rel=1e-3)
 
 
 def test_camera_normalised_by_hand():

@@ -273,6 +273,12 @@ def apply_outlier_policy(labels: np.ndarray, policy: OutlierPolicy) -> np.ndarra
     raise ValueError(f"apply_outlier_policy: unknown policy {policy!r} (expected 'drop' or 'singleton')")
 
 
+#: the per-label-set statistics of a round's clustering that are reported (run summary, MLflow): counts
+#: and quality from ``cluster_stats``, and the DBSCAN eps the cluster stage used (chosen with eps=auto)
+REPORTED_STATS = ("num_clusters", "outlier_ratio", "nmi", "ari", "nmi_camera", "pairwise_precision",
+                  "pairwise_recall", "eps", "eps_pairs_per_image")
+
+
 def _run_lengths(keys: np.ndarray) -> np.ndarray:
     """Multiplicities of the distinct values of an int array (sort + run lengths)."""
     if len(keys) == 0:

@@ -23,13 +23,14 @@ from typing import Any, Callable, Optional
 
 from .. import artifacts, storage
 from ..checkpoint import release_work_dir, work_dir
+from ..cluster.labels import REPORTED_STATS
 from ..config import Config
 from .table import CLUSTER, EVALUATE, EXTRACT, FINETUNE, PRETRAIN, stage
 
 log = logging.getLogger(__name__)
 
 ROUND_STAGES = (EXTRACT, CLUSTER, FINETUNE)
-CLUSTER_KEYS = ("num_clusters", "outlier_ratio", "nmi", "ari", "nmi_camera", "pairwise_precision", "pairwise_recall")
+CLUSTER_KEYS = REPORTED_STATS  # lf2core.cluster.labels
 EXTRACT_KEYS = ("images", "dim", "seconds", "images_per_s")
 
 Place = Callable[[str, int, tuple[str, ...]], str]  # (stage name, round, input locations) -> output location

@@ -19,6 +19,8 @@ import math
 import re
 from typing import Any, Mapping, NamedTuple, Optional
 
+from ..cluster.labels import REPORTED_STATS
+
 RETRIEVAL = ("mAP", "R1", "R5", "R10", "mINP")  # fractions in [0, 1] on the target query/gallery split
 LABEL_SETS_DOC = ("global: the whole-body feature f0; upper / lower: the upper-body and lower-body part "
                   "features (part1..partK for K != 2 parts)")
@@ -63,6 +65,10 @@ CATALOGUE: tuple[Key, ...] = (
         "of the same-identity image pairs, the fraction put in one cluster"),
     Key(rf"round/cluster/{_SET}/nmi_camera", "round", 4,
         "NMI of the pseudo labels vs CAMERA ids: high = clusters follow cameras, not people (bad)"),
+    Key(rf"round/cluster/{_SET}/eps", "round", 4,
+        "DBSCAN eps used for the label set (the configured value, or the one chosen with cluster.eps=auto)"),
+    Key(rf"round/cluster/{_SET}/eps_pairs_per_image", "round", 4,
+        "eps=auto: the share of pairs whose mean distance became eps, as pairs per image (share x (N - 1))"),
     Key(r"round/finetune/loss", "round", 4, "total finetune loss, mean over the round's last epoch"),
     Key(r"round/finetune/ema_alpha", "round", 4,
         "mean-teacher EMA momentum actually used, mean over the round's last epoch: min(1 - 1/(t+1), "
@@ -164,7 +170,7 @@ def finetune_round(final: Mapping[str, Any]) -> dict[str, float]:
     return design(out)
 
 
-CLUSTER_KEYS = ("num_clusters", "outlier_ratio", "nmi", "ari", "nmi_camera", "pairwise_precision", "pairwise_recall")
+CLUSTER_KEYS = REPORTED_STATS
 
 
 def cluster_round(stats: Mapping[str, Any]) -> dict[str, float]:
