@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo
 
 VARIANT ?= all
 
-.PHONY: install demo demo-s3 demo-docker test test-fast test-containers images base-image engine bench lint clean
+.PHONY: install demo demo-s3 demo-docker test test-slow test-fast test-containers images base-image engine bench lint clean
 
 install: $(STAMP)  ## create .venv/ and install lf2 with its pinned dependencies
 
@@ -23,8 +23,11 @@ demo: install  ## synthetic a -> b, whole pipeline locally (kfp.local), MLflow i
 demo-s3: install  ## the same against a local S3 server (moto) and an mlflow server on 127.0.0.1
 	$(PY) -m pipelines.demo --out $(DEMO_OUT)-s3 --s3
 
-test: install  ## the full test suite (one OpenMP thread per process: the tests use small tensors)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
+test: install  ## the test suite but the slow integration tests (one OpenMP thread per process: small tensors)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow"
+
+test-slow: install  ## the slow integration tests (kfp.local pipelines, torchrun DDP, mlflow server, recipe dry runs)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m slow
 
 lint: install  ## hadolint the Dockerfile
 	$(VENV)/bin/hadolint docker/Dockerfile
