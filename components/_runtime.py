@@ -268,10 +268,13 @@ def log_round_output(name: str, out: str, round_index: int, run_id: str) -> list
     return [(k.rsplit("/", 2)[-2] + "/" + k.rsplit("/", 1)[-1] if k.count("/") > 2 else k, v) for k, v in rows]
 
 
-def start_run(config_yaml: str, run_name: str, resume_run_id: str, data: Any, source_model: Any) -> str:
+def start_run(config_yaml: str, run_name: str, resume_run_id: str, data: Any, source_model: Any,
+              pipeline_run: Optional[dict[str, str]] = None) -> str:
     """The start-run component: create (or resume) the pipeline's MLflow run with the config as params,
     lineage tags, dataset inputs, pretraining curves and the source-only curve point
-    (``lf2core.run_log.log_run_start``). Returns the run id ("" when tracking is off)."""
+    (``lf2core.run_log.log_run_start``); ``pipeline_run`` = ``{"name", "id"}`` of the KFP run (its job name
+    and uuid, resolved by KFP) become the tags ``lf2.pipeline_run.name`` / ``.id`` (a resumed run gets the
+    new KFP run's too). Returns the run id ("" when tracking is off)."""
     import time
 
     from lf2core import run_log, tracking
@@ -280,11 +283,14 @@ def start_run(config_yaml: str, run_name: str, resume_run_id: str, data: Any, so
     cfg = load_config(config_yaml)
     if not tracking.enabled():
         return ""
+    kfp_tags = {f"lf2.pipeline_run.{k}": v for k, v in (pipeline_run or {}).items() if v}
     if resume_run_id:
         tracking.configure(cfg)
+        tracking.set_tags(kfp_tags, run_id=resume_run_id)
         return resume_run_id
     name = run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracking.create_run(cfg, name, env_summary()) or ""
+    tracking.set_tags(kfp_tags, run_id=run_id or None)
     run_log.log_run_start(cfg, run_id, input_location(data), input_location(source_model))
     return run_id
 

@@ -59,13 +59,14 @@ def pretrain_source(config: str, object_prefix: str, data: Input[Dataset], model
 
 
 def start_run(config: str, run_name: str, resume_run_id: str, data: Input[Dataset],
-              source_model: Input[Model]) -> str:
-    """Create (or resume) the pipeline's MLflow run: params, config, lineage tags, dataset inputs, the
-    pretraining curves (step = epoch) and the source-only point of the adaptation curve. Returns the run
-    id ("" when tracking is off). Never cached."""
+              source_model: Input[Model], pipeline_job_name: str = "", pipeline_job_id: str = "") -> str:
+    """Create (or resume) the pipeline's MLflow run: params, config, lineage tags (with the KFP run that
+    made it), dataset inputs, the pretraining curves (step = epoch) and the source-only point of the
+    adaptation curve. Returns the run id ("" when tracking is off). Never cached."""
     from components import _runtime as rt
 
-    return rt.start_run(config, run_name, resume_run_id, data, source_model)
+    return rt.start_run(config, run_name, resume_run_id, data, source_model,
+                        pipeline_run={"name": pipeline_job_name, "id": pipeline_job_id})
 
 
 def extract_features(config: str, object_prefix: str, run_id: str, round_index: int, data: Input[Dataset],

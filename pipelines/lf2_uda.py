@@ -178,7 +178,8 @@ def build_pipeline(
         data = prep.outputs["data"]
         pre = setup(c.pretrain_source(config=config, object_prefix=object_prefix, data=data), "pretrain-source")
         run = setup(c.start_run(config=config, run_name=run_name, resume_run_id=resume_run_id, data=data,
-                                source_model=pre.outputs["model"]), "start-run", cache=False)
+                                source_model=pre.outputs["model"], pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                                pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "start-run", cache=False)
         run_id = run.output
         model = pre.outputs["model"]
         for first in range(0, rounds, rounds_per_task) if rounds_per_task > 1 else ():

@@ -38,6 +38,10 @@ def test_kubeflow_yaml_has_stages_gpus_and_secrets(tmp_path: Path) -> None:
         assert {f"extract-features-r{r}", f"cluster-r{r}", f"finetune-r{r}"} <= names
     assert "finetune-r3" not in names
     assert len(tasks) == 3 * 3 + 6  # resolve-config, prepare, pretrain, start-run, evaluate, register
+    # start-run gets the KFP run's job name and uuid (tagged on the MLflow run: lineage)
+    params = tasks["start-run"]["inputs"]["parameters"]
+    assert params["pipeline_job_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
+    assert params["pipeline_job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     # chaining: round r extracts with the model of round r-1
     by_name = {t["taskInfo"]["name"]: t for t in tasks.values()}
     assert by_name["extract-features-r1"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == \

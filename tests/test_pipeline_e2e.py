@@ -79,6 +79,10 @@ def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: st
     # adaptation curve: step 0 = the source model (pretrain's target report), step 1 = the final teacher
     assert m["summary/target_mAP"] == pytest.approx(ev["mAP"], rel=1e-3, abs=1e-9)
     assert int(run.data.tags["lf2.data.target_train_images"]) > 0
+    # the KFP run that made it: its job name is the folder kfp.local gave the run under the pipeline root
+    job = run.data.tags["lf2.pipeline_run.name"]
+    assert job.startswith("lf2-uda-") and (tmp_path / "p" / "kfp" / job / "start-run").is_dir()
+    assert len(run.data.tags["lf2.pipeline_run.id"]) >= 8
     assert [h.step for h in client.get_metric_history(res["run_id"], "round/target/mAP")] == [0, 1]
     cluster_metrics = [k for k in m if k.startswith("round/cluster/")]
     assert cluster_metrics and all(h.step == 0 for h in client.get_metric_history(res["run_id"], cluster_metrics[0]))
