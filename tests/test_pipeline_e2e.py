@@ -82,7 +82,7 @@ def test_pipeline_end_to_end_s3_and_mlflow_server(mlflow_server: str, s3_env: st
     # the KFP run that made it: its job name is the folder kfp.local gave the run under the pipeline root
     job = run.data.tags["lf2.pipeline_run.name"]
     assert job.startswith("lf2-uda-") and (tmp_path / "p" / "kfp" / job / "start-run").is_dir()
-    assert len(run.data.tags["lf2.pipeline_run.id"]) >= 8
+    assert run.data.tags["lf2.pipeline_run.id"].isdigit()  # kfp.local: a random integer (Kubeflow: a uuid)
     assert [h.step for h in client.get_metric_history(res["run_id"], "round/target/mAP")] == [0, 1]
     cluster_metrics = [k for k in m if k.startswith("round/cluster/")]
     assert cluster_metrics and all(h.step == 0 for h in client.get_metric_history(res["run_id"], cluster_metrics[0]))
