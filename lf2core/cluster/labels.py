@@ -127,10 +127,10 @@ def auto_eps(features: np.ndarray, *, k1: int, k2: int, rho: float | Literal["re
              timings: Optional[dict] = None) -> tuple[float, float, sp.csr_matrix]:
     """``(eps, rho, dist)``: :func:`rho_eps` of the Jaccard distance of ``features`` with share ``rho``
     (``"reciprocal"``: :func:`reciprocal_share` of the data; a number: that share, MMT's 1.6e-3), and that
-    distance with the entries ``<= eps`` (and the diagonal) stored, ready for DBSCAN with that eps
-    (identical labels to the full matrix: entries above eps are never neighbours). One kNN search; the
-    min-sum runs with the cap ``AUTO_EPS_CAP`` and again uncapped only if fewer than the needed pairs lie
-    below the cap."""
+    distance (entries up to the cap, or all), ready for DBSCAN with that eps: ``dbscan_precomputed`` only
+    looks at entries ``<= eps``, so the labels equal those of the full matrix. One kNN search; the min-sum
+    runs with the cap ``AUTO_EPS_CAP`` and again uncapped only if fewer than the needed pairs lie below
+    the cap."""
     from .knn import knn
 
     x = normalize_rows(features)
@@ -145,10 +145,7 @@ def auto_eps(features: np.ndarray, *, k1: int, k2: int, rho: float | Literal["re
         if eps is not None:
             break
     assert eps is not None  # an uncapped matrix always determines it
-    coo = dist.tocoo()
-    keep = (coo.data <= eps) | (coo.row == coo.col)
-    pruned = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=dist.shape)
-    return eps, float(rho), pruned
+    return eps, float(rho), dist
 
 
 # ------------------------------------------------------------------------------------------ k-means
