@@ -52,11 +52,11 @@ H, W = 64, 32
 ARCH = "resnet18_narrow"
 
 
-def ensure_domain(work: Path, domain: str, ids: int, test_ids: int, seed: int) -> Path:
+def ensure_domain(work: Path, domain: str, ids: int, test_ids: int, seed: int, version: str) -> Path:
     """Generate domain ``domain`` under ``work`` unless an output of this generator version is there."""
-    root = work / f"{domain}_v{synthetic.GENERATOR_VERSION}_i{ids}_t{test_ids}_s{seed}"
+    root = work / f"{domain}_v{version}_i{ids}_t{test_ids}_s{seed}"
     if not (root / "_COMPLETE").exists():
-        stats = synthetic.write_domain(domain, root, ids=ids, test_ids=test_ids, seed=seed)
+        stats = synthetic.write_domain(domain, root, ids=ids, test_ids=test_ids, seed=seed, version=version)
         print(f"generated {domain}: {stats['images']} images, {stats['images_per_s']} img/s", flush=True)
     return root
 
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-ids", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0, help="data seed")
     ap.add_argument("--train-seed", type=int, default=1)
+    ap.add_argument("--version", default=synthetic.GENERATOR_VERSION, choices=synthetic.VERSIONS,
+                    help="generator version to calibrate")
     ap.add_argument("--iters", type=int, default=0, help="training iterations (0: the demo recipe's)")
     ap.add_argument("--parallel", type=int, default=1, help="1: train the a- and b-runs in two processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training process")
@@ -219,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     iters = args.iters or cfg.pretrain.epochs * cfg.pretrain.iters_per_epoch
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    a = datasets.load("market1501", str(ensure_domain(work, "a", args.ids, args.test_ids, args.seed)))
-    b = datasets.load("market1501", str(ensure_domain(work, "b", args.ids, args.test_ids, args.seed)))
+    a = datasets.load("market1501", str(ensure_domain(work, "a", args.ids, args.test_ids, args.seed, args.version)))
+    b = datasets.load("market1501", str(ensure_domain(work, "b", args.ids, args.test_ids, args.seed, args.version)))
     if args.role:  # child process
         res = run_role(args.role, a, b, iters, args.train_seed, args.seed, cfg)
         Path(args.json).write_text(json.dumps(res))
         return 0
-    res: dict[str, Any] = {"generator_version": synthetic.GENERATOR_VERSION, "ids": args.ids,
+    res: dict[str, Any] = {"generator_version": args.version, "ids": args.ids,
                            "test_ids": args.test_ids, "data_seed": args.seed, "train_seed": args.train_seed,
                            "iters": iters, "batch_size": cfg.pretrain.batch_size, "arch": ARCH,
                            "input": f"{H}x{W}"}
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = []
         for role in ("a", "b"):
             cmd = [sys.executable, __file__, "--role", role, "--json", str(work / f"role_{role}.json")]
-            for k in ("work", "ids", "test_ids", "seed", "train_seed", "iters", "threads"):
+            for k in ("work", "ids", "test_ids", "seed", "train_seed", "iters", "threads", "version"):
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
             procs.append(subprocess.Popen(cmd))
         if any(p.wait() != 0 for p in procs):

@@ -1,20 +1,23 @@
-"""Synthetic a -> b domain adaptation benchmark: source-only, mt_global, LF2 (k-means / DBSCAN), oracle.
+"""Synthetic a -> b domain adaptation benchmark: source-only, mt_global, LF2 (k-means / DBSCAN, camera
+options), LF2 on true labels, oracle.
 
-    python bench/uda_synthetic.py --out docs/results.md --json runs/uda.json [--work runs/uda] [--seeds 1 2]
-        [--set finetune.rounds=8 ...] [--fusion] [--diagnostics] [--jobs 2] [--threads 1]
+    python bench/uda_synthetic.py --out docs/results.md --json runs/uda.json [--work runs/uda] [--seeds 1 2 3]
+        [--set finetune.rounds=8 ...] [--skip lf2_camera_proxy ...] [--fusion] [--jobs 2] [--threads 1]
 
-Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrides, the same for all) and
-the same stage functions as the pipeline:
+Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrides, the same for all, e.g.
+``--set data.synth.version=1.1`` for the earlier generator) and the same stage functions as the pipeline:
 
 - ``source_only``: the pretrain output (source a, ids a) evaluated on target b;
 - ``mt_global``: ``run_local`` with ``finetune.variant=mt_global`` (one mean teacher, global features and
-  global pseudo labels only; MMT-style baseline), k-means;
-- ``lf2_kmeans`` / ``lf2_dbscan``: ``run_local`` with the LF2 recipe and each clustering method;
+  global pseudo labels only; MMT-style baseline) with the SAME clustering as ``lf2_dbscan``;
+- ``lf2_dbscan``: LF2 with label-free DBSCAN (``cluster.eps=auto``); ``lf2_dbscan_eps06``: the paper's fixed
+  eps 0.6; ``lf2_kmeans``: k-means with K = the true number of target identities (200: NOT label-free, the
+  paper's setting);
+- camera options on top of ``lf2_dbscan``: ``lf2_camera_norm`` (``cluster.camera_norm=center``) and
+  ``lf2_camera_proxy`` (``finetune.camera_proxy_weight``: inter-camera proxy contrastive loss);
+- ``lf2_true_labels``: LF2 fine-tuned on the TRUE target train ids (``cluster.method=ground_truth``): the
+  ceiling of the fine-tuning recipe at this budget with perfect pseudo labels (not a UDA result);
 - ``lf2_kmeans_fusion`` (``--fusion``): LF2 with ``finetune.fusion_loss_weight=0.5`` (trained attention);
-- ``--diagnostics`` (not domain adaptation results; they explain them): ``mt_global_dbscan`` (the MMT-style
-  baseline with LF2's DBSCAN, to separate the clustering from the method) and ``lf2_true_labels`` (LF2
-  fine-tuned on the TRUE target train ids, ``cluster.method=ground_truth``: the ceiling of the fine-tuning
-  recipe at this budget with perfect pseudo labels);
 - ``oracle``: the same network and pretraining recipe trained on target b's train split with its TRUE ids.
 
 All evaluations are on the target test split (query/gallery); the per-round evaluations are reporting
@@ -51,31 +54,36 @@ log = logging.getLogger("bench.uda")
 
 METHODS = ("source_only", "mt_global", "lf2_kmeans", "lf2_dbscan", "oracle")
 
+LABEL_FREE = ["cluster.method=dbscan", "cluster.eps=auto"]
 RUNS = {  # name -> config overrides on top of the demo recipe (and --set)
-    "mt_global": ["finetune.variant=mt_global", "cluster.method=kmeans"],
+    "mt_global": ["finetune.variant=mt_global", *LABEL_FREE],
     "lf2_kmeans": ["cluster.method=kmeans"],
-    "lf2_dbscan": ["cluster.method=dbscan"],
-    "lf2_kmeans_fusion": ["cluster.method=kmeans", "finetune.fusion_loss_weight=0.5"],
-    "mt_global_dbscan": ["finetune.variant=mt_global", "cluster.method=dbscan"],
+    "lf2_dbscan": LABEL_FREE,
+    "lf2_dbscan_eps06": ["cluster.method=dbscan", "cluster.eps=0.6"],
+    "lf2_camera_norm": [*LABEL_FREE, "cluster.camera_norm=center"],
+    "lf2_camera_proxy": [*LABEL_FREE, "finetune.camera_proxy_weight=0.5"],
     "lf2_true_labels": ["cluster.method=ground_truth"],
+    "lf2_kmeans_fusion": ["cluster.method=kmeans", "finetune.fusion_loss_weight=0.5"],
 }
-OPTIONAL = {"lf2_kmeans_fusion": "fusion", "mt_global_dbscan": "diagnostics", "lf2_true_labels": "diagnostics"}
+OPTIONAL = {"lf2_kmeans_fusion": "fusion"}
+NOT_UDA = {"lf2_true_labels": "ceiling: true target ids"}
 
 
-def seed_tasks(fusion: bool, diagnostics: bool = False) -> dict[str, list[str]]:
+def seed_tasks(fusion: bool, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """The work of one seed as ``{task: [tasks it needs]}`` (each task is one process-sized unit)."""
     tasks = {"prepare": [], "pretrain": ["prepare"], "source_only_eval": ["pretrain"],
              "oracle_pretrain": ["prepare"], "oracle_eval": ["oracle_pretrain"]}
     for name in RUNS:
-        if {"fusion": fusion, "diagnostics": diagnostics, None: True}[OPTIONAL.get(name)]:
+        if name not in skip and (fusion or OPTIONAL.get(name) != "fusion"):
             tasks[name] = ["pretrain"]
     return tasks
 
 
-# longest first when several are ready (quiet 2-core machine, 1 thread: pretrain 4-5.5 min, a 6-round
-# fine-tuning run 3.5-6.5 min; see docs/benchmarks.md)
-PRIORITY = ("pretrain", "oracle_pretrain", "lf2_kmeans_fusion", "lf2_kmeans", "lf2_dbscan", "lf2_true_labels",
-            "mt_global_dbscan", "mt_global")
+# within a seed, longest first when several are ready (quiet 2-core machine, 1 thread: pretrain 4-5.5 min,
+# a 6-round fine-tuning run 3.5-6.5 min; see docs/benchmarks.md); seeds in order, so a run cut short
+# leaves whole seeds
+PRIORITY = ("pretrain", "oracle_pretrain", "lf2_kmeans_fusion", "lf2_camera_proxy", "lf2_kmeans", "lf2_dbscan",
+            "lf2_dbscan_eps06", "lf2_camera_norm", "lf2_true_labels", "mt_global")
 
 
 def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int) -> tuple[Any, float]:
@@ -95,12 +103,10 @@ def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int
     if task == "prepare":
         if not storage.is_complete(data):
             prepare_data(cfg, data)
-        from lf2core.data.synthetic import GENERATOR_VERSION
-
         version = artifacts.read_json(storage.join(data, artifacts.DATA_STATS)).get("synthetic_generator_version")
-        if version != GENERATOR_VERSION:
-            raise SystemExit(f"{data}: data from synthetic generator {version}, this code is "
-                             f"{GENERATOR_VERSION}: use a fresh --work directory")
+        if version != cfg.data.synth.version:
+            raise SystemExit(f"{data}: data from synthetic generator {version}, this run asks for "
+                             f"{cfg.data.synth.version}: use a fresh --work directory")
         out = version
     elif task in ("pretrain", "oracle_pretrain"):
         src = data
@@ -129,12 +135,12 @@ def _worker_init() -> None:
 
 
 def run_all(seeds: list[int], work: Path, overrides: list[str], fusion: bool, jobs: int,
-            threads: int, diagnostics: bool = False) -> dict[int, dict[str, Any]]:
+            threads: int, skip: tuple[str, ...] = ()) -> dict[int, dict[str, Any]]:
     """Every task of every seed on ``jobs`` worker processes, each task once its inputs are done."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    graph = {(s, t): [(s, d) for d in deps] for s in seeds for t, deps in seed_tasks(fusion, diagnostics).items()}
+    graph = {(s, t): [(s, d) for d in deps] for s in seeds for t, deps in seed_tasks(fusion, skip).items()}
     rank = {t: i for i, t in enumerate(PRIORITY)}
     done: set[tuple[int, str]] = set()
     per_seed: dict[int, dict[str, Any]] = {s: {"_seconds": {}} for s in seeds}
@@ -143,7 +149,7 @@ def run_all(seeds: list[int], work: Path, overrides: list[str], fusion: bool, jo
         while len(done) < len(graph):
             ready = [k for k in graph if k not in done and k not in running.values()
                      and all(d in done for d in graph[k])]
-            for s, t in sorted(ready, key=lambda k: (rank.get(k[1], len(rank)), k[0]))[: jobs - len(running)]:
+            for s, t in sorted(ready, key=lambda k: (k[0], rank.get(k[1], len(rank))))[: jobs - len(running)]:
                 running[pool.submit(run_task, s, t, str(work), overrides, threads)] = (s, t)
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
@@ -162,6 +168,11 @@ def run_all(seeds: list[int], work: Path, overrides: list[str], fusion: bool, jo
     return per_seed
 
 
+def _eps(c: dict[str, Any]) -> str:
+    eps = c.get("eps")
+    return "" if eps is None else f"{eps:.3f}"
+
+
 def gap_closed(m: float, src: float, orc: float) -> float:
     return (m - src) / (orc - src) if orc != src else float("nan")
 
@@ -172,8 +183,9 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colors = {"mt_global": "#9467bd", "lf2_kmeans": "#1f77b4", "lf2_dbscan": "#2ca02c", "lf2_kmeans_fusion": "#ff7f0e",
-              "mt_global_dbscan": "#8c564b", "lf2_true_labels": "#7f7f7f"}
+    colors = {"mt_global": "#9467bd", "lf2_kmeans": "#1f77b4", "lf2_dbscan": "#2ca02c", "lf2_dbscan_eps06": "#bcbd22",
+              "lf2_camera_norm": "#17becf", "lf2_camera_proxy": "#d62728", "lf2_kmeans_fusion": "#ff7f0e",
+              "lf2_true_labels": "#7f7f7f"}
     seed = sorted(per_seed)[0]
     res = per_seed[seed]
     for name, col in colors.items():
@@ -187,7 +199,7 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
             nmi = [r["cluster"].get(s, {}).get("nmi") for r in rounds]
             if any(v is not None for v in nmi):
                 ax2.plot([r["round"] + 1 for r in rounds], nmi, ls, color=col,
-                         label=f"{name} {s}" if s == "global" or name == "lf2_kmeans" else None)
+                         label=f"{name} {s}" if s == "global" or name == "lf2_dbscan" else None)
     for name, style in (("source_only", "k--"), ("oracle", "r--")):
         ax1.axhline(100 * res[name]["metrics"]["mAP"], color=style[0], ls="--", label=name)
     ax1.set_xlabel("round")
@@ -203,12 +215,13 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 
 
 def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png: Path) -> tuple[str, dict]:
-    methods = [m for m in (*METHODS, *OPTIONAL) if all(m in r for r in per_seed.values())]
+    methods = [m for m in (*METHODS, *(r for r in RUNS if r not in METHODS)) if all(m in r for r in per_seed.values())]
     agg: dict[str, dict[str, float]] = {}
     for m in methods:
         vals = [per_seed[s][m]["metrics"] for s in per_seed]
         agg[m] = {k: float(np.mean([v[k] for v in vals])) for k in ("mAP", "R1", "R5", "R10", "mINP")}
         agg[m]["mAP_std"] = float(np.std([v["mAP"] for v in vals]))
+        agg[m]["R1_std"] = float(np.std([v["R1"] for v in vals]))
     src, orc = agg["source_only"]["mAP"], agg["oracle"]["mAP"]
     versions = sorted({str(per_seed[s].get("_generator_version")) for s in per_seed})
 
@@ -224,7 +237,9 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         f"{cfg.data.height}x{cfg.data.width}; pretrain {cfg.pretrain.epochs} epochs x {cfg.pretrain.iters_per_epoch} "
         f"iters; {cfg.finetune.rounds} rounds x {cfg.finetune.epochs_per_round} epoch x "
         f"{cfg.finetune.iters_per_epoch} iters (batch {cfg.finetune.batch_size}); k-means K = "
-        f"{cfg.cluster.num_clusters}; DBSCAN eps {cfg.cluster.eps}, outliers {cfg.cluster.outliers}.",
+        f"{cfg.cluster.num_clusters}; DBSCAN k1 {cfg.cluster.k1}, min_samples {cfg.cluster.min_samples}, outliers "
+        f"{cfg.cluster.outliers}. Per method: "
+        + "; ".join(f"`{m}`: `{' '.join(RUNS[m])}`" for m in methods if m in RUNS) + ".",
         "All numbers are on the TARGET test split (query/gallery) of the final teacher (source-only / oracle: the "
         "pretrained model). No model or round is selected with the test split; the per-round numbers below "
         "are reporting only.",
@@ -236,8 +251,9 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         a = agg[m]
         std = f" ± {100 * a['mAP_std']:.1f}" if len(per_seed) > 1 else ""
         gc = "" if m in ("source_only", "oracle") else f"{100 * gap_closed(a['mAP'], src, orc):.0f}%"
-        label = f"{m} (diagnostic)" if OPTIONAL.get(m) == "diagnostics" else m
-        lines.append(f"| {label} | {100 * a['mAP']:.1f}{std} | {100 * a['R1']:.1f} | {100 * a['R5']:.1f} | "
+        label = f"{m} ({NOT_UDA[m]})" if m in NOT_UDA else m
+        std += f" | {100 * a['R1']:.1f} ± {100 * a['R1_std']:.1f}" if len(per_seed) > 1 else f" | {100 * a['R1']:.1f}"
+        lines.append(f"| {label} | {100 * a['mAP']:.1f}{std} | {100 * a['R5']:.1f} | "
                      f"{100 * a['mINP']:.1f} | {gc} |")
     lines += ["", "Gap closed = (mAP - source-only mAP) / (oracle mAP - source-only mAP).", "",
               f"![mAP and pseudo-label NMI per round]({png.name})", "", "## Per round (first seed)", ""]
@@ -246,22 +262,23 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         if m not in s0:
             continue
         lines += [f"### {m}", "",
-                  "| round | set | clusters | outliers | NMI | ARI | pair precision | pair recall | NMI vs camera "
+                  "| round | set | clusters | eps | outliers | NMI | ARI | pair precision | pair recall | NMI vs camera "
                   "| teacher mAP after round |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s0[m]["rounds"]:
             sets = ["global"] if m.startswith("mt_global") else ["global", "upper", "lower"]
             for k, sname in enumerate(sets):
                 c = r["cluster"].get(sname, {})
                 ev = f"{100 * r['eval']['mAP']:.1f}" if "eval" in r and k == 0 else ""
                 lines.append(
-                    f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | "
+                    f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | {_eps(c)} | "
                     f"{100 * c.get('outlier_ratio', 0):.0f}% | {c.get('nmi', float('nan')):.3f} | "
                     f"{c.get('ari', float('nan')):.3f} | {c.get('pairwise_precision', float('nan')):.3f} | "
                     f"{c.get('pairwise_recall', float('nan')):.3f} | {c.get('nmi_camera', float('nan')):.3f} | {ev} |")
         lines.append("")
     lines += ["## Time per task (seconds; a task whose output was already complete in --work shows ~0)", "",
               "```", *(f"seed {s}: " + json.dumps({k: round(v) for k, v in per_seed[s]["_seconds"].items()})
+                       + f" -> {sum(per_seed[s]['_seconds'].values()) / 60:.0f} task-minutes"
                        for s in sorted(per_seed)), "```", ""]
     out = {m: {"mAP": agg[m]["mAP"], "R1": agg[m]["R1"]} for m in methods}
     out["details"] = {"per_seed": {str(s): {m: per_seed[s][m]["metrics"] for m in methods} for s in per_seed},
@@ -278,8 +295,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--set", "-s", action="append", default=[], help="config override for every method")
     p.add_argument("--fusion", action="store_true", help="also LF2 with a fusion loss (trained attention)")
-    p.add_argument("--diagnostics", action="store_true",
-                   help="also mt_global with DBSCAN and LF2 on the true target train ids (explanatory runs)")
+    p.add_argument("--skip", nargs="+", default=[], choices=sorted(RUNS), help="leave these methods out")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per task (1 is fastest on a shared CPU; default 1)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -291,7 +307,7 @@ def main() -> int:
     os.environ.setdefault("LF2_PROGRESS", "0")
     t0 = time.time()
     per_seed = run_all(args.seeds, Path(args.work), args.set, args.fusion, args.jobs, args.threads,
-                       args.diagnostics)
+                       tuple(args.skip))
     wall = time.time() - t0
     out_md = Path(args.out)
     png = out_md.with_name(f"{out_md.stem}_uda.png")

@@ -80,7 +80,8 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     _claim_out(args, SYNTHETIC_DATA)
     _print_metrics(write_domain(args.domain, args.out, ids=args.ids, test_ids=args.test_ids, seed=args.seed,
-                                height=args.height, width=args.width, layout=args.layout))
+                                height=args.height, width=args.width, layout=args.layout,
+                                version=args.version))
     return 0
 
 
@@ -183,6 +184,8 @@ def _add_data(sub: Any) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layout", choices=["market1501", "msmt17"], default="market1501",
                    help="folder layout and names (default market1501; msmt17: V1 list files, no distractors)")
+    p.add_argument("--version", choices=["1.1", "1.2"], default="1.2",
+                   help="generator version (default 1.2, Market-shaped; 1.1: the earlier, easier pair)")
     p.set_defaults(func=_data_synth)
     p = data.add_parser("check", help="print split statistics; non-zero exit naming each bad file")
     p.add_argument("root")

@@ -45,6 +45,9 @@ class SynthConfig:
     seed: int = _f(0, ge=0)
     height: int = _f(128, ge=16)  # size the images are written at
     width: int = _f(64, ge=8)
+    # generator version (lf2core.data.synthetic.VERSIONS): 1.2 = Market-shaped density and split, calibrated
+    # shift (docs/synthetic.md); 1.1 = the earlier, easier pair, kept for comparison
+    version: str = _f("1.2", choices=("1.1", "1.2"))
 
 
 @dataclass

@@ -96,6 +96,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `version: 1.2` as a number; the choices / pattern still apply
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value

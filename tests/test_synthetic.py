@@ -205,3 +205,40 @@ def test_identity_is_consistent_across_cameras_but_not_trivial(dom_b: tuple[Path
     chance = np.mean([_brute_map(rng.random(q.shape), qp, qc, rng.random(g.shape), gp, gc) for _ in range(3)])
     assert m > 3 * chance, (m, chance)
     assert m < 0.9, m
+
+
+def test_v1_2_target_has_market_shaped_density_and_split(dom_b: tuple[Path, dict]) -> None:
+    """v1.2 (the default): ~17 training images per identity seen by ~4.3 of 6 cameras, ~4 queries per
+    test identity with ~3 gallery images per query, distractors ~17 % of the test identity images
+    (Market-1501: 12,936 / 751 train, 3,368 queries, 13,115 + 2,798 distractor gallery images)."""
+    _, stats = dom_b
+    assert stats["version"] == "1.2" and synthetic.STYLES["b"].num_cams == 6
+    parsed = _parse(dom_b[0])
+    train = parsed["bounding_box_train"]
+    per_id = len(train) / stats["train"]["identities"]
+    cams_per_id = np.mean([len({c for p, c, _ in train if p == pid}) for pid in {p for p, _, _ in train}])
+    assert 13 <= per_id <= 22 and 3.5 <= cams_per_id <= 5.2, (per_id, cams_per_id)
+    people = [p for p, _, _ in parsed["bounding_box_test"] if p > 0]
+    queries = len(parsed["query"])
+    assert 2 <= len(people) / queries <= 4.5, (len(people), queries)
+    assert 0.12 <= stats["gallery"]["distractors"] / (len(people) + queries) <= 0.22
+
+
+def test_v1_1_stays_generable_and_differs(tmp_path: Path, dom_b: tuple[Path, dict]) -> None:
+    old = synthetic.write_domain("b", tmp_path / "b11", ids=14, test_ids=10, seed=3, height=H, width=W,
+                                 version="1.1")
+    assert old["version"] == "1.1" and old["train"]["cameras"] <= 5
+    assert old["train"]["images"] / 14 < dom_b[1]["train"]["images"] / 14  # v1.1: ~11 images per identity
+    with pytest.raises(DataError, match="version must be one of 1.1, 1.2, got '9'"):
+        synthetic.write_domain("b", tmp_path / "x", ids=4, test_ids=2, height=H, width=W, version="9")
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_versions_are_the_generators() -> None:
+    from lf2core.config import load_config
+
+    cfg = load_config("demo")
+    assert cfg.data.synth.version == synthetic.GENERATOR_VERSION
+    with pytest.raises(ValueError, match="data.synth.version"):
+        load_config("demo", ["data.synth.version=1.0"])
+    assert load_config("demo", ["data.synth.version=1.1"]).data.synth.version in synthetic.VERSIONS

@@ -60,8 +60,9 @@ def _generate(params: dict[str, Any], local_dir: Path) -> datasets.Splits:
     from ..data import synthetic
 
     kw = {k: v for k, v in params.items() if k not in ("generator_version", "domain")}
-    log.info("generating synthetic domain %s into %s (%s)", params["domain"], local_dir, kw)
-    synthetic.write_domain(params["domain"], str(local_dir), **kw)
+    log.info("generating synthetic domain %s (generator %s) into %s (%s)", params["domain"],
+             params["generator_version"], local_dir, kw)
+    synthetic.write_domain(params["domain"], str(local_dir), version=params["generator_version"], **kw)
     splits = datasets.load("market1501", str(local_dir))
     marker = {"params": params, "stats": splits.stats()}
     (local_dir / SYNTH_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
@@ -130,10 +131,8 @@ def prepare_data(cfg: Config, out: str) -> dict[str, Any]:
         for side in SIDES:
             dom = getattr(cfg.data, side)
             if dom.name == "synthetic":
-                from ..data import synthetic
-
-                params = _synth_params(cfg, side, synthetic.GENERATOR_VERSION)
-                metrics["synthetic_generator_version"] = synthetic.GENERATOR_VERSION
+                params = _synth_params(cfg, side, cfg.data.synth.version)
+                metrics["synthetic_generator_version"] = cfg.data.synth.version
                 if dom.root == "":
                     splits = _generate(params, tmp / side)
                     # recorded relative to the manifest's directory: valid wherever the output is moved

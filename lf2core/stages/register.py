@@ -104,12 +104,7 @@ def register(cfg: Config, model: str, metrics: str, run_id: Optional[str] = None
         "lf2.input": f"images (encoded JPEG/PNG or uint8 HxWx3 RGB), resized to {h}x{w} inside",
     }
     if "synthetic" in (cfg.data.source.name, cfg.data.target.name):
-        try:
-            from ..data.synthetic import GENERATOR_VERSION
-
-            tags["lf2.synthetic_generator"] = GENERATOR_VERSION
-        except ImportError:  # pragma: no cover - data package not installed
-            pass
+        tags["lf2.synthetic_generator"] = cfg.data.synth.version
     for k, v in tracking.flatten_metrics(scores).items():
         tags[f"metric.{k}"] = f"{v:.6g}"
     pkg = Path(__file__).resolve().parent.parent

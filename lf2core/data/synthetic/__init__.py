@@ -55,16 +55,17 @@ from .person import Shot, draw_person
 from .render import Renderer, ShotSpec
 from .schedule import schedule
 from .styles import (BAGS, COLOUR_NAMES, COLOURS, DOMAINS, HAIR, HAIR_STYLES, KNOBS, LOWER_TYPES, SKIN, STYLES,
-                     UPPER_PATTERNS, VIEWS, DomainStyle, Knobs)
+                     UPPER_PATTERNS, VERSIONS, VIEWS, STYLES_BY_VERSION, DomainStyle, Knobs)
 
 __all__ = [
     "BAGS", "COLOURS", "COLOUR_NAMES", "DOMAINS", "GENERATOR_VERSION", "HAIR", "HAIR_STYLES", "KNOBS",
-    "LOWER_TYPES", "MIN_HEIGHT", "MIN_WIDTH", "SKIN", "SPLIT_DIRS", "STYLES", "UPPER_PATTERNS", "VIEWS", "Camera",
+    "LOWER_TYPES", "MIN_HEIGHT", "MIN_WIDTH", "SKIN", "SPLIT_DIRS", "STYLES", "STYLES_BY_VERSION", "UPPER_PATTERNS",
+    "VERSIONS", "VIEWS", "Camera",
     "Canvas", "DomainStyle", "Identity", "Knobs", "Renderer", "Shot", "ShotSpec", "draw_person", "encode_jpeg",
     "make_camera", "make_identity", "render_examples", "write_domain",
 ]
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"  # the default; every version of VERSIONS stays generable
 
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MIN_HEIGHT, MIN_WIDTH = 32, 16
@@ -78,7 +79,11 @@ def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ public API
-def _validate(domain: str, ids: int, test_ids: int, seed: int, height: int, width: int) -> None:
+def _validate(domain: str, ids: int, test_ids: int, seed: int, height: int, width: int,
+              version: str = GENERATOR_VERSION) -> DomainStyle:
+    """The domain's style of ``version``; DataError naming the bad argument."""
+    if version not in VERSIONS:
+        raise DataError(f"synthetic data: version must be one of {', '.join(VERSIONS)}, got {version!r}")
     if domain not in DOMAINS:
         raise DataError(f"synthetic domain {domain!r}: expected one of {', '.join(DOMAINS)}")
     for key, val, lo in (("ids", ids, 1), ("test_ids", test_ids, 1), ("height", height, MIN_HEIGHT),
@@ -89,6 +94,7 @@ def _validate(domain: str, ids: int, test_ids: int, seed: int, height: int, widt
         raise DataError(f"synthetic data: ids + test_ids must be <= 9999 (4-digit pids), got {ids + test_ids}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"synthetic data: seed must be a non-negative integer, got {seed!r}")
+    return STYLES_BY_VERSION[version][domain]
 
 
 def _split_stats(specs: list[ShotSpec]) -> dict[str, int]:
@@ -105,7 +111,8 @@ MSMT_LISTS = {"train": "list_train.txt", "val": "list_val.txt", "query": "list_q
 
 
 def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: int = 100, seed: int = 0,
-                 height: int = 128, width: int = 64, layout: str = "market1501") -> dict[str, Any]:
+                 height: int = 128, width: int = 64, layout: str = "market1501",
+                 version: str = GENERATOR_VERSION) -> dict[str, Any]:
     """Write one synthetic domain under ``out`` (atomically) and return stats.
 
     ``layout``: ``market1501`` (``bounding_box_train/``, ``query/``, ``bounding_box_test/``) or ``msmt17``
@@ -117,19 +124,20 @@ def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: i
     ``ids`` training identities and ``test_ids`` disjoint query/gallery identities; every test identity
     is seen by >= 2 cameras with >= 2 images per camera, and the query holds one image per (identity,
     camera), so every query has a cross-camera match in the gallery. The gallery also holds distractors
-    (pid 0000, ~8 % of the test images) and junk detections (pid -1, ~3 %). Same arguments -> same bytes.
+    (pid 0000: ~8 % of the test images in v1.1, ~17 % in v1.2, as Market-1501) and junk detections (pid -1,
+    ~3 %). ``version``: the generator version to draw (``VERSIONS``). Same arguments -> same bytes.
 
     Returns ``{"version", "domain", "seed", "height", "width", "train": {...}, "query": {...},
     "gallery": {..., "distractors", "junk"}, "images", "seconds", "images_per_s"}`` where each split
     dict has ``images``, ``identities`` (pid > 0) and ``cameras``.
     """
-    _validate(domain, ids, test_ids, seed, height, width)
+    style = _validate(domain, ids, test_ids, seed, height, width, version)
     if layout not in LAYOUTS:
         raise DataError(f"synthetic data: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    specs = schedule(domain, int(ids), int(test_ids), int(seed))
+    specs = schedule(domain, int(ids), int(test_ids), int(seed), style)
     if layout == "msmt17":
         specs = [s for s in specs if s.pid > 0]
-    renderer = Renderer(domain, int(height), int(width))
+    renderer = Renderer(domain, int(height), int(width), style=style)
     quality = renderer.style.jpeg_quality
     t0 = time.perf_counter()
     try:
@@ -159,7 +167,7 @@ def write_domain(domain: str, out: Union[str, Path], ids: int = 200, test_ids: i
     gal["distractors"] = sum(1 for s in by["gallery"] if s.pid == 0)
     gal["junk"] = sum(1 for s in by["gallery"] if s.pid < 0)
     return {
-        "version": GENERATOR_VERSION, "domain": domain, "seed": int(seed), "height": int(height),
+        "version": version, "domain": domain, "seed": int(seed), "height": int(height),
         "width": int(width), "train": _split_stats(by["train"]), "query": _split_stats(by["query"]),
         "gallery": gal, "images": len(specs), "seconds": round(secs, 3),
         "images_per_s": round(len(specs) / max(secs, 1e-9), 1),
@@ -182,13 +190,13 @@ def _msmt_places(specs: list[ShotSpec]) -> list[tuple[Path, int, str]]:
 
 
 def render_examples(domain: str, pids: list[int], cams: list[int], seed: int = 0, height: int = 128,
-                    width: int = 64, shot: int = 0) -> np.ndarray:
+                    width: int = 64, shot: int = 0, version: str = GENERATOR_VERSION) -> np.ndarray:
     """Images of identities ``pids`` in cameras ``cams`` (0-based) as uint8 [len(pids), len(cams), H, W, 3].
 
     Used by the contact sheet; identities are drawn exactly as ``write_domain`` draws pid ``p``.
     """
-    _validate(domain, max(pids), 1, seed, height, width)
-    r = Renderer(domain, height, width)
+    style = _validate(domain, max(pids), 1, seed, height, width, version)
+    r = Renderer(domain, height, width, style=style)
     d = DOMAINS.index(domain)
     outp = np.zeros((len(pids), len(cams), height, width, 3), np.uint8)
     for i, pid in enumerate(pids):

@@ -97,7 +97,7 @@ def _background(style: DomainStyle, rng: np.random.Generator, h: int, w: int, kn
 def make_camera(style: DomainStyle, index: int, height: int, width: int, knobs: Knobs = KNOBS) -> Camera:
     """Camera ``index`` (0-based) of a domain; depends only on the domain, not on the data seed."""
     rng = np.random.default_rng([7919, DOMAINS.index(style.name), index])
-    view = rng.dirichlet([5, 5, 1.5, 1.5]) * 0.7 + np.array([0.35, 0.35, 0.15, 0.15]) * 0.3
+    view = rng.dirichlet([5, 5, style.side_views, style.side_views]) * 0.7 + np.array([0.35, 0.35, 0.15, 0.15]) * 0.3
     pad = max(2, int(round(0.08 * width)))
     soft = (style.lowres + style.blur + float(rng.uniform(0, knobs.cam_blur))) * height / 128.0
     soft = max(soft, 1.0)

@@ -42,10 +42,9 @@ def _colour(rng: np.random.Generator, probs: np.ndarray, tint: float) -> tuple[n
 
 def make_identity(style: DomainStyle, rng: np.random.Generator, knobs: Knobs = KNOBS) -> Identity:
     """Draw the attributes of one person of a domain."""
-    t = knobs.id_tint
+    t = style.id_tint or knobs.id_tint
     upper, un = _colour(rng, style.upper_colours, t)
-    upper2, u2n = _colour(rng, colour_weights({"white": 3, "black": 3, "grey": 1, "red": 1, "navy": 1,
-                                         "yellow": 1, "skyblue": 1}), t)
+    upper2, u2n = _colour(rng, colour_weights(dict(style.upper2_colours)), t)
     if u2n == un:  # a pattern must be visible
         upper2 = np.clip(1.0 - upper2, 0.05, 0.95).astype(np.float32)
     lower, ln = _colour(rng, style.lower_colours, t)

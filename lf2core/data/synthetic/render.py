@@ -10,7 +10,7 @@ from .camera import Camera, make_camera
 from .canvas import Canvas, soft_wave
 from .identity import Identity, make_identity
 from .person import Shot, draw_person
-from .styles import DOMAINS, KNOBS, STYLES, VIEWS, Knobs
+from .styles import DOMAINS, KNOBS, STYLES, VIEWS, DomainStyle, Knobs
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class ShotSpec:
 class Renderer:
     """Draws the images of one domain at one size (cameras and identities cached)."""
 
-    def __init__(self, domain: str, height: int, width: int, knobs: Knobs = KNOBS) -> None:
-        self.style = STYLES[domain]
+    def __init__(self, domain: str, height: int, width: int, knobs: Knobs = KNOBS,
+                 style: DomainStyle | None = None) -> None:
+        self.style = STYLES[domain] if style is None else style
         self.h, self.w = height, width
         self.knobs = knobs
         self.cams = [make_camera(self.style, i, height, width, knobs) for i in range(self.style.num_cams)]

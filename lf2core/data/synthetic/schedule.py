@@ -7,12 +7,13 @@ import dataclasses
 import numpy as np
 
 from .render import ShotSpec
-from .styles import DOMAINS, STYLES
+from .styles import DOMAINS, STYLES, DomainStyle
 
 
-def schedule(domain: str, ids: int, test_ids: int, seed: int) -> list[ShotSpec]:
-    """All shots of a domain: train / query / gallery people, gallery distractors and junk."""
-    style = STYLES[domain]
+def schedule(domain: str, ids: int, test_ids: int, seed: int, style: DomainStyle | None = None) -> list[ShotSpec]:
+    """All shots of a domain (``style``: the domain's, default the current version's): train / query /
+    gallery people, gallery distractors and junk."""
+    style = STYLES[domain] if style is None else style
     d = DOMAINS.index(domain)
     ncam = style.num_cams
     rng = np.random.default_rng([seed, d, 0])
@@ -20,13 +21,13 @@ def schedule(domain: str, ids: int, test_ids: int, seed: int) -> list[ShotSpec]:
     train_pids = sorted(int(p) for p in perm[:ids])
     test_pids = sorted(int(p) for p in perm[ids:])
     specs: list[ShotSpec] = []
-    ncam_p = np.array([0.30, 0.30, 0.20, 0.12, 0.08, 0.05, 0.03][: ncam - 1], np.float64)
+    ncam_p = np.array(style.cams_per_id_p[: ncam - 1], np.float64)
     ncam_p /= ncam_p.sum()
     for pid in train_pids:
-        specs += _person_shots(seed, d, ncam, ncam_p, pid, test=False)
+        specs += _person_shots(seed, d, ncam, ncam_p, pid, False, style)
     n_test = 0
     for pid in test_pids:
-        shots = _person_shots(seed, d, ncam, ncam_p, pid, test=True)
+        shots = _person_shots(seed, d, ncam, ncam_p, pid, True, style)
         qrng = np.random.default_rng([seed, d, 4, pid])
         by_cam: dict[int, list[int]] = {}
         for i, s in enumerate(shots):
@@ -36,8 +37,8 @@ def schedule(domain: str, ids: int, test_ids: int, seed: int) -> list[ShotSpec]:
             specs.append(dataclasses.replace(s, split="query" if i in query else "gallery"))
         n_test += len(shots)
     # distractors (pid 0: people not in the query set) and junk (pid -1: bad detections), as in Market
-    n_dis = max(1, int(round(0.08 * n_test)))
-    n_junk = max(1, int(round(0.03 * n_test)))
+    n_dis = max(1, int(round(style.distractor_share * n_test)))
+    n_junk = max(1, int(round(style.junk_share * n_test)))
     for j in range(n_dis):
         cam = int(rng.integers(ncam))
         specs.append(ShotSpec(split="gallery", pid=0, cam=cam, seq=1, frame=300000 + j, bbox=1,
@@ -50,17 +51,19 @@ def schedule(domain: str, ids: int, test_ids: int, seed: int) -> list[ShotSpec]:
     return specs
 
 
-def _person_shots(seed: int, d: int, ncam: int, ncam_p: np.ndarray, pid: int, test: bool) -> list[ShotSpec]:
+def _person_shots(seed: int, d: int, ncam: int, ncam_p: np.ndarray, pid: int, test: bool,
+                  style: DomainStyle) -> list[ShotSpec]:
     """The shots of identity ``pid``: its cameras (``2 + choice(ncam_p)`` of ``ncam``), tracklets and frames."""
     prng = np.random.default_rng([seed, d, 1, pid])
     n = 2 + int(prng.choice(len(ncam_p), p=ncam_p))
     cams = sorted(int(c) for c in prng.choice(ncam, n, replace=False))
     out: list[ShotSpec] = []
     for cam in cams:
-        ntrk = 1 + int(prng.random() < 0.35)
+        ntrk = 1 + int(prng.random() < style.second_tracklet_p)
         frames: list[tuple[int, int]] = []
         for t in range(ntrk):
-            nf = int(prng.integers(1, 5))
+            lo, hi = style.frames_per_tracklet
+            nf = int(prng.integers(lo, hi + 1))
             start = int(prng.integers(0, 200000))
             step = int(prng.integers(5, 40))
             frames += [(t, start + j * step) for j in range(nf)]

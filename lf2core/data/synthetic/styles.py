@@ -5,7 +5,7 @@ The tables and both ``STYLES`` are frozen with ``GENERATOR_VERSION``: changing a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -84,9 +84,20 @@ class DomainStyle:
     jpeg_quality: int
     occluder_p: float
     sun: float  # directional sunlight: brightness slope across a person's body (0 = overcast)
+    # --- added in v1.2 (the defaults are v1.1's values, so v1.1 is drawn exactly as before) ---
+    id_tint: float = 0.0  # > 0: this domain's personal colour offset std (else Knobs.id_tint)
+    upper2_colours: tuple[tuple[str, float], ...] = (("white", 3), ("black", 3), ("grey", 1), ("red", 1),
+                                                     ("navy", 1), ("yellow", 1), ("skyblue", 1))
+    side_views: float = 1.5  # Dirichlet weight of the left / right views in every camera's view mix
+    # which images a domain holds (lf2core.data.synthetic.schedule)
+    cams_per_id_p: tuple[float, ...] = (0.30, 0.30, 0.20, 0.12, 0.08, 0.05, 0.03)  # P(2, 3, ... cameras)
+    frames_per_tracklet: tuple[int, int] = (1, 4)  # uniform, inclusive
+    second_tracklet_p: float = 0.35  # P(a second tracklet of an identity in a camera)
+    distractor_share: float = 0.08  # gallery distractors (pid 0) per test image of a person
+    junk_share: float = 0.03  # junk detections (pid -1) per test image of a person
 
 
-STYLES: dict[str, DomainStyle] = {
+STYLES_V1_1: dict[str, DomainStyle] = {
     # a: winter-like campus. Dark, neutral clothing; long sleeves and trousers; cool, crisp light.
     "a": DomainStyle(
         name="a",
@@ -153,6 +164,38 @@ STYLES: dict[str, DomainStyle] = {
         sun=0.35,
     ),
 }
+
+
+# v1.2: the target's density and test split in Market-1501's proportions (~17 training images per identity
+# seen by ~4.3 of 6 cameras; the gallery holds ~3 images per query and distractors = 17 % of the test identity
+# images: Market has 12,936 / 751 training images, 3,368 queries, 13,115 identity + 2,798 distractor gallery
+# images), and a bigger domain-level shift in WHICH cues identify a person: in a identities differ mostly by
+# garment colour (plain tops, wide dark palette, strong personal tint); in b tops are light and alike
+# (narrow palette, small tint) and identities differ by pattern, second colour, build and bag (cues the
+# source never needed), seen more often from the side and at a lower resolution. Calibrated with
+# bench/synth_calibrate.py only (docs/synthetic.md).
+_MARKET_SHAPE = dict(cams_per_id_p=(0.08, 0.17, 0.30, 0.25, 0.20), frames_per_tracklet=(1, 5),
+                     second_tracklet_p=0.35, distractor_share=0.17, junk_share=0.03)
+STYLES_V1_2: dict[str, DomainStyle] = {
+    "a": replace(STYLES_V1_1["a"], id_tint=0.13, **_MARKET_SHAPE),
+    "b": replace(
+        STYLES_V1_1["b"],
+        num_cams=6,
+        upper_colours=colour_weights({"white": 4, "cream": 2, "silver": 2, "grey": 1.5, "beige": 1.5,
+                                      "skyblue": 1.5, "black": 1}),
+        lower_colours=colour_weights({"denim": 4, "khaki": 2, "beige": 2, "black": 1.5, "grey": 1}),
+        upper2_colours=(("red", 2), ("navy", 2), ("green", 1.5), ("orange", 1.5), ("purple", 1.5), ("black", 2),
+                        ("yellow", 1), ("pink", 1)),
+        upper_pattern_p=(0.20, 0.30, 0.20, 0.25, 0.05),
+        id_tint=0.06,
+        side_views=3.0,
+        lowres=2.6,
+        **_MARKET_SHAPE,
+    ),
+}
+VERSIONS = ("1.1", "1.2")
+STYLES_BY_VERSION = {"1.1": STYLES_V1_1, "1.2": STYLES_V1_2}
+STYLES = STYLES_V1_2  # the current version's (GENERATOR_VERSION)
 
 
 # Calibration knobs (frozen with GENERATOR_VERSION; see bench/synth_calibrate.py and docs/synthetic.md).
