@@ -239,3 +239,77 @@ def test_finetune_round_with_camera_proxies_trains_and_resumes_exactly(tiny, tmp
         a, b = _weights(tmp_path / "full" / name), _weights(tmp_path / "resumed" / name)
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
+
+
+# ----------------------------------------------------------------------------------------- data parallel
+def _proxy_steps(d, steps: int) -> tuple[dict, torch.Tensor]:
+    """``steps`` fast steps with the camera proxy term (float64): under an active ``d`` this rank's half of
+    every batch, else the whole batches with BN over groups of 3 (= the per-rank batch). Returns (state
+    dict, memory)."""
+    mt = _mean_teacher(torch.float64)
+    mem = _memory(mt, torch.float64, 0.7)
+    opt = make_optimizer(mt, 3.5e-4, 5e-4)
+    parallel = d is not None and d.active
+    for s in range(steps):
+        batches, index = _batches(torch.float64, 3, seed=s), torch.arange(6)
+        if parallel:
+            rows = slice(3 * d.rank, 3 * d.rank + 3)
+            batches, index = [(x[rows], y[rows]) for x, y in batches], index[rows]
+        fast_step(mt, opt, batches, s, Criteria(6, 0.1), StepSettings(bn_group=0 if parallel else 3),
+                  dist=d if parallel else None, cam_proxy=(mem, mem.ids(index)))
+    return mt.state_dict(), mem.proxies
+
+
+def test_camera_proxies_ddp_equal_one_process_float64(tmp_path):
+    """torchrun, 2 CPU processes (gloo): the loss and memory update read the gathered global batch, so both
+    ranks hold the same memory and weights, equal to one process with bn_group = the per-rank batch."""
+    from test_distributed import _torchrun
+
+    r = _torchrun(__file__, str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    assert torch.equal(ranks[0][1], ranks[1][1])
+    for k, v in ranks[0][0].items():
+        assert torch.equal(v, ranks[1][0][k]), k
+    ref_state, ref_mem = _proxy_steps(None, 3)
+    assert float((ranks[0][1] - ref_mem).abs().max()) <= 1e-12
+    for k, v in ref_state.items():
+        assert torch.allclose(ranks[0][0][k].double(), v.double(), atol=1e-9, rtol=1e-7), k
+
+
+
+def test_finetune_stage_with_camera_proxies_under_torchrun(tiny, tmp_path):  # noqa: F811
+    """The stage under torchrun (2 CPU processes): proxies from the rank shards' teacher features (rank 0's
+    sent to all), the same first-step loss as one process with bn_group = the per-rank batch, identical
+    weights on both ranks."""
+    from lf2core.config import load_config
+    from lf2core.stages.finetune import finetune
+    from test_distributed import FT_TWO_STEPS, _worker
+    from test_pretrain import TINY_OVERRIDES
+
+    tmp, data, _, _ = tiny
+    sets = [*FT_TWO_STEPS, "finetune.camera_proxy_weight=0.5"]
+    ins = dict(data=str(data), labels=str(tmp / "labels"), model=str(tmp / "pre"))
+    r = _worker("finetune", out=str(tmp_path / "ddp2"), sets=sets, dump=str(tmp_path), **ins)
+    assert r.returncode == 0, r.stderr[-3000:]
+    finetune(load_config("demo", [*TINY_OVERRIDES, *sets, "finetune.bn_group=3"]), ins["data"], ins["labels"],
+             ins["model"], str(tmp_path / "one2"), checkpoint_every=0)
+    h2, h1 = (json.loads((tmp_path / o / "metrics.json").read_text())["history"] for o in ("ddp2", "one2"))
+    for key in ("loss", "cam_proxy_intra", "cam_proxy_inter"):
+        assert h2[0][key] == pytest.approx(h1[0][key], rel=1e-6), key
+    per_rank = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    for k, v in per_rank[0]["all"].items():
+        assert torch.equal(v, per_rank[1]["all"][k]), k
+
+
+if __name__ == "__main__":  # pragma: no cover  (torchrun worker of the test above)
+    import os
+    import sys
+    from pathlib import Path
+
+    from lf2core.config import load_config
+    from lf2core.distributed import setup
+
+    torch.set_num_threads(1)
+    dist = setup(load_config("demo", ["device=cpu"]), "test-camera-proxy")
+    torch.save(_proxy_steps(dist, 3), Path(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
