@@ -187,7 +187,8 @@ def test_default_config_builds_no_memory(tiny, tmp_path, monkeypatch):  # noqa: 
 
     tmp, data, cfg, _ = tiny
     assert cfg.finetune.camera_proxy_weight == 0.0
-    monkeypatch.setattr(finetuner_module, "teacher_global_features", lambda *a, **k: pytest.fail("extracted with weight 0"))
+    monkeypatch.setattr(finetuner_module, "teacher_global_features",
+                        lambda *a, **k: pytest.fail("extracted with weight 0"))
     one = copy.deepcopy(cfg)
     one.finetune.epochs_per_round = 1
     res = ft.finetune(one, str(data), str(tmp / "labels"), str(tmp / "pre"), str(tmp_path / "o"), checkpoint_every=0)

@@ -19,6 +19,9 @@ The round (``lf2core.training`` has the step and its definition):
    loaders (global, upper, lower labels; ``mt_global``: global only; ``finetune.sampler``) with random
    erasing ``finetune.random_erasing`` (``finetune.erasing``); EMA teacher update every step with the global
    step counted across rounds.
+3. ``finetune.camera_proxy_weight`` > 0: before the first epoch, one proxy per (global label, camera)
+   from the teacher's global features of the target train images, and the camera proxy loss on the global
+   batch every step (``lf2core.training.camera_proxy``; the memory is part of the resumable state).
 
 Resume: the full training state (student, teacher, Fuse, Adam, running loss sums, RNG) is written to
 ``<work>/state.pt`` after every epoch and every ``checkpoint_every`` iterations, ``<work>`` =
