@@ -195,6 +195,30 @@ def test_default_config_builds_no_memory(tiny, tmp_path, monkeypatch):  # noqa: 
     assert not any(k.startswith("cam_proxy") for k in res)
 
 
+
+def test_resume_key_unchanged_while_off(tiny):  # noqa: F811
+    """With the term off, the resume fingerprint is the one of a config without the camera_proxy_* keys
+    (states written before they existed still resume); any change of them while on changes it."""
+    from lf2core import artifacts
+    from lf2core.artifacts import read_labels
+    from lf2core.checkpoint import fingerprint
+    from lf2core.stages.finetune import _key
+
+    tmp, data, cfg, _ = tiny
+    pl = read_labels(str(tmp / "labels"), len(split(read_manifest(data), "target_train")))
+    pre = str(tmp / "pre")
+    d = cfg.to_dict()
+    old = {k: d[k] for k in ("seed", "model", "finetune")}
+    old["finetune"] = {k: v for k, v in old["finetune"].items() if not k.startswith("camera_proxy")}
+    old.update({"cluster.outliers": d["cluster"]["outliers"], "data": {"height": 32, "width": 16}, "round": 0})
+    blobs = [pl.raw] + [b for n, h in artifacts.model_digests(pre) for b in (n.encode(), bytes.fromhex(h))]
+    assert _key(cfg, pl, pre, 0) == fingerprint(old, blobs)
+    on = copy.deepcopy(cfg)
+    on.finetune.camera_proxy_weight = 0.5
+    other = copy.deepcopy(on)
+    other.finetune.camera_proxy_negatives = 10
+    assert len({_key(cfg, pl, pre, 0), _key(on, pl, pre, 0), _key(other, pl, pre, 0)}) == 3
+
 def test_finetune_round_with_camera_proxies_trains_and_resumes_exactly(tiny, tmp_path, monkeypatch):  # noqa: F811
     """A tiny round (2 epochs x 3 iterations, proxies from the 4 global labels x the tiny set's cameras)
     logs the two terms; killed after 4 steps and resumed, it ends bit-identical (weights and memory)."""

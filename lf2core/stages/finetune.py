@@ -70,6 +70,8 @@ def _key(cfg: Config, labels: artifacts.PseudoLabels, model: str, round_index: i
         blobs += [name.encode(), bytes.fromhex(digest)]
     d = cfg.to_dict()
     relevant = {k: d[k] for k in ("seed", "model", "finetune")}
+    if not d["finetune"]["camera_proxy_weight"]:  # off: the key of the states written before these keys existed
+        relevant["finetune"] = {k: v for k, v in d["finetune"].items() if not k.startswith("camera_proxy_")}
     relevant["cluster.outliers"] = d["cluster"]["outliers"]
     relevant["data"] = {k: d["data"][k] for k in ("height", "width")}
     relevant["round"] = int(round_index)
