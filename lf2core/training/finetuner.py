@@ -200,6 +200,8 @@ def _camera_proxies(cfg: Any, rnd: Round, ft: Finetuner, cam: CameraProxySetting
     rows = d.gather_rows({"f": part})
     mem = CameraProxyMemory.build(labels, camids, rows["f"] if rows is not None else None, cam, dim=part.shape[1])
     mem.proxies = d.broadcast_object(mem.proxies)
+    log.info("camera proxies: %d (global label, camera) pairs of %d labels, from the teacher's global features of "
+             "%d images", mem.num_proxies, int(labels.max()) + 1, len(rnd.samples))
     return mem.to(dev)
 
 
