@@ -134,6 +134,12 @@ class FinetuneConfig:
     erasing: str = _f("torchvision", choices=("torchvision", "released"))  # aspect-ratio law, tries
     sampler: str = _f("balanced", choices=SAMPLERS)  # released: anchor + other-camera images, flat list cut
     bn_group: int = _f(0, ge=0)  # BN statistics over groups of this many images (0 = whole batch; 32 = released)
+    # camera-aware proxy contrastive loss (CAP / PPLR; docs/method.md); 0 = off (the released recipe)
+    camera_proxy_weight: float = _f(0.0, ge=0)
+    camera_proxy_temperature: float = _f(0.07, gt=0)
+    camera_proxy_momentum: float = _f(0.2, ge=0, lt=1)  # memory := m * memory + (1 - m) * feature
+    camera_proxy_negatives: int = _f(50, ge=0)  # hardest other-identity proxies in the inter-camera term
+    camera_proxy_intra_weight: float = _f(1.0, ge=0)  # weight of the intra-camera term (inter-camera: 1)
 
 
 @dataclass

@@ -92,7 +92,9 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == ["lf2: error: unknown config key 'finetune.roundz' (valid here: batch_size, bn_group, ema_alpha, "
+    assert lines == ["lf2: error: unknown config key 'finetune.roundz' (valid here: batch_size, bn_group, "
+                     "camera_proxy_intra_weight, camera_proxy_momentum, camera_proxy_negatives, "
+                     "camera_proxy_temperature, camera_proxy_weight, ema_alpha, "
                      "epochs_per_round, erasing, fusion_loss_weight, iters_per_epoch, label_smoothing, lr, "
                      "num_instances, part_loss_weight, random_erasing, rounds, sampler, variant, weight_decay)"]
     assert not (tmp_path / "o").exists()

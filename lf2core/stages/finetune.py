@@ -19,6 +19,9 @@ The round (``lf2core.training`` has the step and its definition):
    loaders (global, upper, lower labels; ``mt_global``: global only; ``finetune.sampler``) with random
    erasing ``finetune.random_erasing`` (``finetune.erasing``); EMA teacher update every step with the global
    step counted across rounds.
+3. ``finetune.camera_proxy_weight`` > 0: before the first epoch, one proxy per (global label, camera)
+   from the teacher's global features of the target train images, and the camera proxy loss on the global
+   batch every step (``lf2core.training.camera_proxy``; the memory is part of the resumable state).
 
 Resume: the full training state (student, teacher, Fuse, Adam, running loss sums, RNG) is written to
 ``<work>/state.pt`` after every epoch and every ``checkpoint_every`` iterations, ``<work>`` =
@@ -67,6 +70,8 @@ def _key(cfg: Config, labels: artifacts.PseudoLabels, model: str, round_index: i
         blobs += [name.encode(), bytes.fromhex(digest)]
     d = cfg.to_dict()
     relevant = {k: d[k] for k in ("seed", "model", "finetune")}
+    if not d["finetune"]["camera_proxy_weight"]:  # off: the key of the states written before these keys existed
+        relevant["finetune"] = {k: v for k, v in d["finetune"].items() if not k.startswith("camera_proxy_")}
     relevant["cluster.outliers"] = d["cluster"]["outliers"]
     relevant["data"] = {k: d["data"][k] for k in ("height", "width")}
     relevant["round"] = int(round_index)

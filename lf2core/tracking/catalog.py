@@ -74,6 +74,8 @@ CATALOGUE: tuple[Key, ...] = (
         "mean-teacher EMA momentum actually used, mean over the round's last epoch: min(1 - 1/(t+1), "
         "finetune.ema_alpha) with t the global step, so it ramps up towards the configured value"),
     Key(r"round/finetune/acc", "round", 4, "student pseudo-label classification accuracy (fraction)"),
+    Key(r"round/finetune/cam_proxy_(intra|inter)", "round", 4,
+        "camera proxy loss term (finetune.camera_proxy_weight > 0), unweighted, last-epoch mean"),
     Key(r"round/finetune/[A-Za-z0-9_]+", "round", 4,
         "a finetune loss term (ce_* cross-entropy, tri_* triplet, per label set), last-epoch mean"),
     Key(r"round/extract/images_per_s", "round", 4, "feature extraction throughput of the round (images/s)"),

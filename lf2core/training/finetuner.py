@@ -22,6 +22,7 @@ from ..checkpoint import TrainingState
 from ..distributed import Dist, DistributedError
 from ..models.teacher import MeanTeacher
 from ..runtime import DevicePolicy
+from .camera_proxy import CameraProxyMemory, CameraProxySettings, teacher_global_features
 from .loaders import round_loaders
 from .step import Batch, Criteria, StepResult, StepSettings, fast_step, global_step, make_optimizer, reference_step
 from .step import teacher_tail
@@ -54,22 +55,30 @@ class Finetuner:
         self.autocast_dtype = policy.step_autocast_dtype() if fast else None
         self.scaler = policy.step_scaler() if fast else None
         policy.model(mt)
+        self.cam_proxy: Optional[CameraProxyMemory] = None  # finetune.camera_proxy_weight > 0 (start_round)
 
     def new_optimizer(self) -> torch.optim.Adam:
         """A fresh Adam (the released code builds one per epoch)."""
         return make_optimizer(self.mt, self.lr, self.weight_decay)
 
     def step(self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch], step: int,
-             teacher_pass: bool = True) -> StepResult:
+             teacher_pass: bool = True, index: Optional[torch.Tensor] = None) -> StepResult:
+        """One step; ``index`` [B]: the dataset index of each global-batch image (needed with a camera
+        proxy memory)."""
         dev = self.policy.device
         batches = [(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)) for x, y in batches]
+        cam = None
+        if self.cam_proxy is not None:
+            if index is None:
+                raise ValueError("finetune: the camera proxy loss needs the dataset index of the global batch")
+            cam = (self.cam_proxy, self.cam_proxy.ids(index))
         if self.fast:
             return fast_step(
                 self.mt, optimizer, batches, step, self.crit, self.settings, channels_last=self.policy.channels_last,
                 autocast_dtype=self.autocast_dtype, scaler=self.scaler, teacher_pass=teacher_pass,
-                dist=self.dist if self.dist.active else None,
+                dist=self.dist if self.dist.active else None, cam_proxy=cam,
             )
-        return reference_step(self.mt, optimizer, batches, step, self.crit, self.settings)
+        return reference_step(self.mt, optimizer, batches, step, self.crit, self.settings, cam_proxy=cam)
 
     def run_epoch(self, loaders: Sequence[DataLoader], optimizer: torch.optim.Optimizer, first_step: int, start: int,
                   iters: int, save_fn: Optional[SaveFn] = None, checkpoint_every: int = 0,
@@ -86,15 +95,17 @@ class Finetuner:
         iterators = [iter(dl) for dl in loaders]
         for i in range(start, iters):
             t0 = time.perf_counter()
-            batches = []
+            batches, index = [], None
             for it in iterators:
-                x, y, _, _ = next(it)
+                x, y, _, idx = next(it)
                 batches.append((x, y))
+                index = idx if index is None else index  # the global batch's
             t1 = time.perf_counter()
+            kw: dict[str, Any] = {} if self.cam_proxy is None else {"index": index}
             if i >= teacher_from:
-                res = self.step(optimizer, batches, first_step + i)
+                res = self.step(optimizer, batches, first_step + i, **kw)
             else:
-                res = self.step(optimizer, batches, first_step + i, teacher_pass=False)
+                res = self.step(optimizer, batches, first_step + i, teacher_pass=False, **kw)
             vals = {"loss": float(res.loss), "alpha": res.alpha}
             vals.update({k: float(v) for k, v in res.terms.items()})
             vals["data_seconds"] = t1 - t0
@@ -151,18 +162,47 @@ def start_round(cfg: Any, settings: StepSettings, rnd: Round, mt_fn: Callable[[]
         return Finetuner(mt, settings, rnd.num_classes, f.lr, f.weight_decay, policy, fast=fast, dist=dist)
 
     found: tuple[Finetuner, _Progress] | None = None
+    resumed: Optional[dict[str, Any]] = None
     if state.exists():
         ft = build(mt_fn(), np.zeros((rnd.num_classes, centroids.shape[1]), np.float32))
         opt = ft.new_optimizer()
         info = state.load(ft.mt, opt)
         if info is not None:
-            extra = info["extra"]
+            extra = resumed = info["extra"]
             rnd.history[:] = list(extra.get("history", []))
             found = ft, _Progress(info["epoch"], int(extra.get("iteration", 0)), dict(extra.get("sums", {})), opt)
     if found is None:
         found = build(mt_fn(), centroids), _Progress()
     dist.check_same((found[1].epoch, found[1].iteration), "the resume point (epoch, iteration) of the state")
+    cam = CameraProxySettings.from_config(f)
+    if cam.weight > 0:
+        found[0].cam_proxy = _camera_proxies(cfg, rnd, found[0], cam, resumed)
     return found
+
+
+def _camera_proxies(cfg: Any, rnd: Round, ft: Finetuner, cam: CameraProxySettings,
+                    extra: Optional[dict[str, Any]]) -> CameraProxyMemory:
+    """The round's camera proxy memory (``camera_proxy``) on the policy's device: from the resumed
+    state's ``extra`` when given, else built from the teacher's global features (data parallel: every
+    rank extracts its shard, rank 0 builds the proxies and sends them to every rank)."""
+    labels = rnd.label_sets[0]
+    camids = np.fromiter((s.camid for s in rnd.samples), dtype=np.int64, count=len(rnd.samples))
+    dev, d = ft.policy.device, ft.dist
+    if extra is not None:
+        if "camera_proxy" not in extra:
+            raise ValueError("finetune: the training state has no camera proxy memory")
+        mem = CameraProxyMemory.build(labels, camids, None, cam, dim=ft.mt.student.out_channels)
+        mem.load_state_dict(extra["camera_proxy"])
+        return mem.to(dev)
+    lo, hi = d.shard(len(rnd.samples))
+    part = teacher_global_features(ft.mt, rnd.samples[lo:hi], cfg.data.height, cfg.data.width, cfg.eval.batch_size,
+                                   dev, cfg.data.num_workers, cfg.amp)
+    rows = d.gather_rows({"f": part})
+    mem = CameraProxyMemory.build(labels, camids, rows["f"] if rows is not None else None, cam, dim=part.shape[1])
+    mem.proxies = d.broadcast_object(mem.proxies)
+    log.info("camera proxies: %d (global label, camera) pairs of %d labels, from the teacher's global features of "
+             "%d images", mem.num_proxies, int(labels.max()) + 1, len(rnd.samples))
+    return mem.to(dev)
 
 
 def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, start: _Progress, state: TrainingState,
@@ -181,8 +221,9 @@ def train_round(cfg: Any, settings: StepSettings, rnd: Round, ft: Finetuner, sta
     def save(epoch: int, iteration: int, optimizer: torch.optim.Optimizer, sums: dict[str, float]) -> None:
         if not ft.dist.main:  # every rank holds the same state (Finetuner): rank 0 writes it
             return
+        more = {} if ft.cam_proxy is None else {"camera_proxy": ft.cam_proxy.state_dict()}
         state.save(ft.mt, optimizer, None, epoch, iteration=iteration, sums=sums, history=rnd.history,
-                   num_classes=rnd.num_classes)
+                   num_classes=rnd.num_classes, **more)
 
     for epoch in range(start.epoch, E):
         teacher_from = 0 if tail is None else (iters if epoch < E - 1 else max(0, iters - tail))

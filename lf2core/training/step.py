@@ -47,6 +47,7 @@ from ..losses import CrossEntropyLabelSmooth, SoftTripletLoss
 from ..models.lf2 import LF2Output
 from ..models.teacher import MeanTeacher
 from ..variants import Variant, get_variant
+from .camera_proxy import CamProxy, add_camera_proxy_loss, update_camera_proxy
 
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
@@ -279,9 +280,12 @@ def reference_step(
     step: int,
     crit: Criteria,
     settings: StepSettings,
+    cam_proxy: CamProxy = None,
 ) -> StepResult:
     """The released iteration, written plainly: every batch through student, teacher and Fuse (train
-    mode, autograd on), the loss, one Adam step, the EMA update. The yardstick for ``fast_step``."""
+    mode, autograd on), the loss, one Adam step, the EMA update. The yardstick for ``fast_step``.
+    ``cam_proxy``: add the camera proxy loss of the global batch, then update its memory
+    (``lf2core.training.camera_proxy``)."""
     mt.train()
     student_out, fusion = [], []
     for x, _ in batches:
@@ -291,7 +295,9 @@ def reference_step(
         fusion.append(mt.fuse(t.feature_map, s.part_attention))
         student_out.append(s)
     loss, terms = lf2_loss(student_out, fusion, [y for _, y in batches], crit, settings)
+    loss = add_camera_proxy_loss(loss, terms, cam_proxy, student_out[0].global_feat)
     alpha = _optimise(mt, optimizer, loss, step, settings)
+    update_camera_proxy(cam_proxy, student_out[0].global_feat)
     return StepResult(loss.detach(), terms, alpha)
 
 
@@ -308,6 +314,7 @@ def fast_step(
     scaler: Optional[Any] = None,
     teacher_pass: bool = True,
     dist: Optional[Any] = None,
+    cam_proxy: CamProxy = None,
 ) -> StepResult:
     """Same math as ``reference_step`` (see the module docstring) in one student forward/backward of the
     concatenated batches and no-grad teacher/Fuse forwards, with per-sub-batch BatchNorm.
@@ -366,8 +373,12 @@ def fast_step(
     if parallel:
         student_out = [_gathered(o, k, dist) for k, o in enumerate(student_out)]
         labels = [dist.all_gather_cat(y) for y in labels]
+        if cam_proxy is not None:
+            cam_proxy = (cam_proxy[0], dist.all_gather_cat(cam_proxy[1]))
     loss, terms = lf2_loss(student_out, fusion, labels, crit, settings)
+    loss = add_camera_proxy_loss(loss, terms, cam_proxy, student_out[0].global_feat)
     alpha = _optimise(mt, optimizer, loss, step, settings, scaler, dist if parallel else None)
+    update_camera_proxy(cam_proxy, student_out[0].global_feat)
     return StepResult(loss.detach(), terms, alpha)
 
 
