@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 from lf2core.data import synthetic  # noqa: E402
 
 
-def contact_sheet(path: Path, n_ids: int = 6, seed: int = 0) -> None:
+def contact_sheet(path: Path, n_ids: int = 6, seed: int = 0, version: str = synthetic.GENERATOR_VERSION) -> None:
     """PNG grid: for each domain, ``n_ids`` identities (rows) x its cameras (columns), 128x64 each."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -32,9 +32,10 @@ def contact_sheet(path: Path, n_ids: int = 6, seed: int = 0) -> None:
     h, w, gap, lab_w, head = 128, 64, 4, 58, 34
     panels = []
     for domain in synthetic.DOMAINS:
-        ncam = synthetic.STYLES[domain].num_cams
+        ncam = synthetic.STYLES_BY_VERSION[version][domain].num_cams
         pids = list(range(1, n_ids + 1))
-        imgs = synthetic.render_examples(domain, pids, list(range(ncam)), seed=seed, height=h, width=w)
+        imgs = synthetic.render_examples(domain, pids, list(range(ncam)), seed=seed, height=h, width=w,
+                                         version=version)
         pw, ph = lab_w + ncam * (w + gap), head + n_ids * (h + gap)
         panel = Image.new("RGB", (pw, ph), (255, 255, 255))
         d = ImageDraw.Draw(panel)
@@ -53,7 +54,7 @@ def contact_sheet(path: Path, n_ids: int = 6, seed: int = 0) -> None:
     for p in panels:
         sheet.paste(p, (x, 0))
         x += p.width + 16
-    ImageDraw.Draw(sheet).text((4, sheet.height - 14), f"lf2 synthetic data, generator v{synthetic.GENERATOR_VERSION},"
+    ImageDraw.Draw(sheet).text((4, sheet.height - 14), f"lf2 synthetic data, generator v{version},"
                                f" seed {seed}; same id = same person in every camera", fill=(90, 90, 90))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)
@@ -66,11 +67,12 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs per domain")
+    ap.add_argument("--version", default=synthetic.GENERATOR_VERSION, choices=synthetic.VERSIONS)
     ap.add_argument("--contact-sheet", default="", metavar="PNG",
                     help="only write the contact sheet (identities x cameras for both domains) to PNG")
     args = ap.parse_args()
     if args.contact_sheet:
-        contact_sheet(Path(args.contact_sheet))
+        contact_sheet(Path(args.contact_sheet), version=args.version)
         print(f"wrote {args.contact_sheet}")
         return
     if hasattr(os, "sched_setaffinity"):
@@ -82,7 +84,7 @@ def main() -> None:
             for r in range(args.repeat):
                 out = Path(tmp) / f"{domain}{r}"
                 c0, w0 = time.process_time(), time.perf_counter()
-                st = synthetic.write_domain(domain, out, ids=args.ids, test_ids=args.test_ids, seed=r,
+                st = synthetic.write_domain(domain, out, ids=args.ids, test_ids=args.test_ids, seed=r, version=args.version,
                                             height=args.height, width=args.width)
                 cpu, wall = time.process_time() - c0, time.perf_counter() - w0
                 row = {"domain": domain, "images": st["images"], "wall_s": round(wall, 2),
