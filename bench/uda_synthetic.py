@@ -283,8 +283,48 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
     out = {m: {"mAP": agg[m]["mAP"], "R1": agg[m]["R1"]} for m in methods}
     out["details"] = {"per_seed": {str(s): {m: per_seed[s][m]["metrics"] for m in methods} for s in per_seed},
                       "gap_closed": {m: gap_closed(agg[m]["mAP"], src, orc) for m in methods},
-                      "wall_seconds": wall, "overrides": args.set}
+                      "wall_seconds": wall, "overrides": args.set, "generator_version": versions,
+                      "seeds": sorted(per_seed), "runs": {m: RUNS[m] for m in methods if m in RUNS}}
     return "\n".join(lines), out
+
+
+README_START, README_END = "<!-- uda-results:start -->", "<!-- uda-results:end -->"
+LABELS = {
+    "source_only": "source-only", "oracle": "oracle (target labels)", "mt_global": "mean teacher, global only "
+    "(MMT-style), same DBSCAN", "lf2_kmeans": "LF² + k-means (K = true number of ids)",
+    "lf2_dbscan": "LF² + DBSCAN, eps=auto", "lf2_dbscan_eps06": "LF² + DBSCAN, eps 0.6 (paper)",
+    "lf2_camera_norm": "LF² + DBSCAN auto + camera_norm", "lf2_camera_proxy": "LF² + DBSCAN auto + camera proxy loss",
+    "lf2_true_labels": "LF² on the true target ids (ceiling, not UDA)", "lf2_kmeans_fusion": "LF² + k-means + fusion loss",
+}
+
+
+def readme_table(js: dict[str, Any]) -> str:
+    """The README's results block from the benchmark JSON (mean ± std over seeds, share of the gap closed)."""
+    d = js["details"]
+    per_seed = d["per_seed"]
+    lines = [f"Synthetic generator {', '.join(d['generator_version'])}, seeds {', '.join(map(str, d['seeds']))} "
+             f"(`bench/uda_synthetic.py`, written from its JSON by `--readme`): mean ± std over seeds of the final "
+             "teacher on the target test split, no model selection on target data.", "",
+             "| method | mAP (%) | Rank-1 (%) | gap closed |", "|---|---|---|---|"]
+    for m in js:
+        if m == "details":
+            continue
+        maps = [100 * per_seed[s][m]["mAP"] for s in per_seed]
+        r1s = [100 * per_seed[s][m]["R1"] for s in per_seed]
+        gc = "" if m in ("source_only", "oracle") else f"{100 * d['gap_closed'][m]:.0f}%"
+        lines.append(f"| {LABELS.get(m, m)} | {np.mean(maps):.1f} ± {np.std(maps):.1f} | "
+                     f"{np.mean(r1s):.1f} ± {np.std(r1s):.1f} | {gc} |")
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, js: dict[str, Any]) -> None:
+    """Replace the block between the README's uda-results markers with ``readme_table(js)``."""
+    text = path.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"{path}: needs exactly one {README_START} ... {README_END} block")
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    path.write_text(f"{head}{README_START}\n{readme_table(js)}\n{README_END}{tail}")
 
 
 def main() -> int:
@@ -296,6 +336,9 @@ def main() -> int:
     p.add_argument("--set", "-s", action="append", default=[], help="config override for every method")
     p.add_argument("--fusion", action="store_true", help="also LF2 with a fusion loss (trained attention)")
     p.add_argument("--skip", nargs="+", default=[], choices=sorted(RUNS), help="leave these methods out")
+    p.add_argument("--readme", default=None, help="also rewrite this README's results block from the JSON")
+    p.add_argument("--readme-only", action="store_true",
+                   help="run nothing: rewrite --readme's results block from the existing --json")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per task (1 is fastest on a shared CPU; default 1)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -305,6 +348,11 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LF2_PROGRESS", "0")
+    if args.readme_only:
+        if not (args.readme and args.json):
+            raise SystemExit("--readme-only needs --readme and --json")
+        update_readme(Path(args.readme), json.loads(Path(args.json).read_text()))
+        return 0
     t0 = time.time()
     per_seed = run_all(args.seeds, Path(args.work), args.set, args.fusion, args.jobs, args.threads,
                        tuple(args.skip))
@@ -318,6 +366,8 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(js, indent=2) + "\n")
+    if args.readme:
+        update_readme(Path(args.readme), js)
     print(text)
     return 0
 
