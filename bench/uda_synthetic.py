@@ -173,6 +173,34 @@ def _eps(c: dict[str, Any]) -> str:
     return "" if eps is None else f"{eps:.3f}"
 
 
+LABEL_STATS = (("num_clusters", "clusters", "{:.0f}"), ("eps", "eps", "{:.3f}"), ("outlier_ratio", "outliers", "{:.0%}"),
+               ("pairwise_precision", "pair precision", "{:.2f}"), ("pairwise_recall", "pair recall", "{:.2f}"),
+               ("nmi", "NMI", "{:.3f}"))
+
+
+def label_quality(per_seed: dict[int, dict], methods: list[str]) -> list[str]:
+    """Markdown lines: the global pseudo labels of the first and the last round of every fine-tuning method,
+    mean over seeds (min-max in brackets), and the final mAP per seed."""
+    lines = ["## Pseudo labels, all seeds (global label set; mean over seeds, [min-max])", "",
+             "| method | round | " + " | ".join(h for _, h, _ in LABEL_STATS) + " | final mAP per seed |",
+             "|---|---|" + "---|" * len(LABEL_STATS) + "---|"]
+    for m in methods:
+        if m not in RUNS or m == "lf2_true_labels":
+            continue
+        seeds = sorted(per_seed)
+        finals = " / ".join(f"{100 * per_seed[s][m]['metrics']['mAP']:.1f}" for s in seeds)
+        last = len(per_seed[seeds[0]][m]["rounds"]) - 1
+        for k, r in ((0, 1), (last, last + 1)):
+            cells = []
+            for key, _, fmt in LABEL_STATS:
+                vals = [per_seed[s][m]["rounds"][k]["cluster"].get("global", {}).get(key) for s in seeds]
+                vals = [float(v) for v in vals if isinstance(v, (int, float))]
+                cells.append("" if not vals else fmt.format(np.mean(vals)) + (
+                    f" [{fmt.format(min(vals))}-{fmt.format(max(vals))}]" if len(vals) > 1 else ""))
+            lines.append(f"| {m if k == 0 else ''} | {r} | " + " | ".join(cells) + f" | {finals if k == 0 else ''} |")
+    return [*lines, ""]
+
+
 def gap_closed(m: float, src: float, orc: float) -> float:
     return (m - src) / (orc - src) if orc != src else float("nan")
 
@@ -256,7 +284,8 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         lines.append(f"| {label} | {100 * a['mAP']:.1f}{std} | {100 * a['R5']:.1f} | "
                      f"{100 * a['mINP']:.1f} | {gc} |")
     lines += ["", "Gap closed = (mAP - source-only mAP) / (oracle mAP - source-only mAP).", "",
-              f"![mAP and pseudo-label NMI per round]({png.name})", "", "## Per round (first seed)", ""]
+              f"![mAP and pseudo-label NMI per round]({png.name})", "", *label_quality(per_seed, methods),
+              "## Per round (first seed)", ""]
     s0 = per_seed[sorted(per_seed)[0]]
     for m in (*RUNS,):
         if m not in s0:
