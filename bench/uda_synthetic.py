@@ -54,8 +54,11 @@ log = logging.getLogger("bench.uda")
 
 METHODS = ("source_only", "mt_global", "lf2_kmeans", "lf2_dbscan", "oracle")
 
+#: every method starts from the paper's clustering settings (k-means; eps 0.6 when DBSCAN; no camera
+#: normalisation), not from the demo's defaults, so a change of the demo recipe does not change what a method is
+BASE = ["cluster.method=kmeans", "cluster.eps=0.6", "cluster.camera_norm=none"]
 LABEL_FREE = ["cluster.method=dbscan", "cluster.eps=auto"]
-RUNS = {  # name -> config overrides on top of the demo recipe (and --set)
+RUNS = {  # name -> config overrides on top of the demo recipe + BASE (and --set)
     "mt_global": ["finetune.variant=mt_global", *LABEL_FREE],
     "lf2_kmeans": ["cluster.method=kmeans"],
     "lf2_dbscan": LABEL_FREE,
@@ -95,7 +98,7 @@ def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    base = [f"seed={seed}", *overrides]
+    base = [f"seed={seed}", *BASE, *overrides]
     cfg = load_config("demo", base)
     w = Path(work) / f"seed{seed}"
     data = str(w / "data")
@@ -253,7 +256,7 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
     src, orc = agg["source_only"]["mAP"], agg["oracle"]["mAP"]
     versions = sorted({str(per_seed[s].get("_generator_version")) for s in per_seed})
 
-    cfg = load_config("demo", [*args.set])
+    cfg = load_config("demo", [*BASE, *args.set])
     lines = [
         "# Results: synthetic a -> b (demo recipe)",
         "",
@@ -261,7 +264,7 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         f"{platform.machine()} ({os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
         f"intra-op thread(s) per task, {args.jobs} task(s) at once); synthetic generator {', '.join(versions)} (read from the generated data); seeds {sorted(per_seed)}.",
         "",
-        f"Recipe: `configs/demo.yaml` + `{' '.join(args.set) or '(no overrides)'}` -> {cfg.model.arch} at "
+        f"Recipe: `configs/demo.yaml` + `{' '.join([*BASE, *args.set])}` -> {cfg.model.arch} at "
         f"{cfg.data.height}x{cfg.data.width}; pretrain {cfg.pretrain.epochs} epochs x {cfg.pretrain.iters_per_epoch} "
         f"iters; {cfg.finetune.rounds} rounds x {cfg.finetune.epochs_per_round} epoch x "
         f"{cfg.finetune.iters_per_epoch} iters (batch {cfg.finetune.batch_size}); k-means K = "
