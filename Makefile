@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml docker/requirements-cpu.lock
 	touch $(STAMP)
 
 demo: install  ## synthetic a -> b, whole pipeline locally (kfp.local), MLflow in ./mlflow.db, register + promote
-	$(PY) -m pipelines.demo --out $(DEMO_OUT)
+	$(PY) -m pipelines.demo --out $(DEMO_OUT) --rounds-per-task 3  # 3 rounds a task: -2 min of process starts
 
 demo-s3: install  ## the same against a local S3 server (moto) and an mlflow server on 127.0.0.1
 	$(PY) -m pipelines.demo --out $(DEMO_OUT)-s3 --s3
