@@ -103,3 +103,72 @@ def test_dbscan_recovers_blobs():
     x, ids = _blobs(1)
     lab = pseudo_labels(x, "dbscan", k1=20, k2=6)
     assert adjusted_rand_score(ids[lab >= 0], lab[lab >= 0]) > 0.95 and np.mean(lab >= 0) > 0.9
+
+
+# ------------------------------------------------------------------------------------------ k1=auto
+def _id_blobs(n_ids, per, seed=0, dim=32, spread=0.35):
+    """n_ids identities x per images each: unit centre + isotropic noise (norm ~spread)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((n_ids, dim))
+    ids = np.repeat(np.arange(n_ids), per)
+    x = c[ids] / np.linalg.norm(c[ids], axis=1, keepdims=True) + spread * rng.standard_normal((len(ids), dim)) / np.sqrt(dim)
+    return x.astype(np.float32), ids
+
+
+def _brute_silhouette_all(x, labels):
+    """Silhouette by its definition (cosine distance), mean over ALL images, an outlier counting 0."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1.0 - xn @ xn.T
+    total = 0.0
+    for i, li in enumerate(labels):
+        if li < 0:
+            continue
+        own = [j for j in range(len(labels)) if labels[j] == li and j != i]
+        if not own:
+            continue  # a singleton cluster: silhouette 0
+        a = np.mean([d[i, j] for j in own])
+        b = min(np.mean([d[i, j] for j in range(len(labels)) if labels[j] == lk])
+                for lk in set(labels.tolist()) - {li, -1})
+        total += (b - a) / max(a, b)
+    return total / len(labels)
+
+
+def test_clustering_silhouette_against_its_definition():
+    from lf2core.cluster.labels import clustering_silhouette
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    lab = rng.integers(-1, 4, size=40)
+    assert clustering_silhouette(x, lab) == pytest.approx(_brute_silhouette_all(x, lab), abs=1e-6)
+    assert clustering_silhouette(x, np.full(40, -1)) == 0.0 and clustering_silhouette(x, np.zeros(40, int)) == 0.0
+    # a sample: the same value as the definition on the same seeded subset
+    sub = np.sort(np.random.default_rng(7).choice(40, size=25, replace=False))
+    assert clustering_silhouette(x, lab, sample=25, seed=7) == pytest.approx(
+        _brute_silhouette_all(x[sub], lab[sub]), abs=1e-6)
+
+
+def test_auto_k1_follows_the_neighbourhood_size_without_labels():
+    """Identities of 6 vs 32 images: k1=auto keeps a small k1 for the small ones and a large one for the
+    large ones, each recovering the identities; the chosen k1 is the argmax of the reported silhouettes,
+    each equal to the silhouette of the fixed-k1 clustering recomputed here."""
+    from lf2core.cluster.labels import clustering_silhouette
+
+    chosen_k1 = {}
+    for per, n_ids in ((6, 60), (32, 15)):
+        x, ids = _id_blobs(n_ids, per)
+        chosen = {}
+        lab = pseudo_labels(x, "dbscan", k1="auto", k2=6, eps="auto", min_samples=4, chosen=chosen)
+        scores = chosen["k1_silhouette"]
+        assert sorted(scores) == [10, 15, 20, 25, 30, 40]
+        for k1, score in scores.items():
+            fixed = pseudo_labels(x, "dbscan", k1=k1, k2=6, eps="auto", min_samples=4)
+            assert score == pytest.approx(clustering_silhouette(x / np.linalg.norm(x, axis=1, keepdims=True), fixed),
+                                          abs=1e-5)
+        k1 = chosen["k1"]
+        assert scores[k1] == max(scores.values()) and k1 == min(k for k, v in scores.items() if v == scores[k1])
+        assert np.array_equal(lab, pseudo_labels(x, "dbscan", k1=k1, k2=6, eps="auto", min_samples=4))
+        assert adjusted_rand_score(ids, lab) == pytest.approx(1.0)
+        chosen_k1[per] = k1
+    assert chosen_k1[6] < chosen_k1[32]
+    with pytest.raises(ValueError, match="k1 must be"):
+        pseudo_labels(x, "dbscan", k1="many")

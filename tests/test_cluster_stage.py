@@ -193,3 +193,28 @@ def test_camera_norm_needs_cameras(tmp_path):
     with pytest.raises(DataError, match="cluster.camera_norm"):
         cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_k1_auto_chooses_k1_per_set_and_logs_it(tmp_path):
+    """k1=auto: each set's k1 is the argmax of its own silhouettes (reported per set), the labels are DBSCAN's
+    with that k1, and the round's metrics carry the k1 used; a word other than auto is refused by the config."""
+    from lf2core.config import ConfigError
+
+    arrays, _ = _write_features(tmp_path / "feat")
+    cfg = load_config(None, ["cluster.method=dbscan", "cluster.k1=auto", "cluster.eps=auto"])
+    metrics = cluster(cfg, str(tmp_path / "feat"), str(tmp_path / "out"), round_index=0)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    with np.load(tmp_path / "out" / "labels.npz") as z:
+        labels = {k: z[k] for k in z.files}
+    for name in ("global", "upper", "lower"):
+        scores = stats[name]["k1_silhouette"]
+        k1 = stats[name]["k1"]
+        assert scores[str(k1)] == max(scores.values()) and metrics[f"{name}/k1"] == k1
+        assert np.array_equal(labels[name], pseudo_labels(arrays[name], "dbscan", k1=k1, k2=6, eps="auto",
+                                                          min_samples=4))
+    from lf2core.tracking import catalog
+
+    assert catalog.cluster_round(stats)["round/cluster/global/k1"] == stats["global"]["k1"]
+    with pytest.raises(ConfigError, match="cluster.k1"):
+        load_config(None, ["cluster.k1=many"])
+    assert load_config(None, ["cluster.k1=20"]).cluster.k1 == 20

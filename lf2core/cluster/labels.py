@@ -148,6 +148,58 @@ def auto_eps(features: np.ndarray, *, k1: int, k2: int, rho: float | Literal["re
     return eps, float(rho), dist
 
 
+# ------------------------------------------------------------------------------------------ k1 from the data
+#: the k1 values ``k1="auto"`` chooses from (each clipped to N; the paper's 30 for Market is among them)
+AUTO_K1_GRID = (10, 15, 20, 25, 30, 40)
+#: images the silhouette of ``k1="auto"`` is computed on (a seeded sample when there are more: O(sample^2))
+AUTO_K1_SAMPLE = 5000
+
+
+def clustering_silhouette(features: np.ndarray, labels: np.ndarray, *, sample: int = AUTO_K1_SAMPLE,
+                          seed: int = 0) -> float:
+    """The mean silhouette (cosine) of a clustering over ALL its images, an outlier (-1) counting 0: how
+    well the images sit in their clusters, lowered by the share left out, with no labels needed. With more
+    than ``sample`` images, a seeded sample of that size. ``features`` ``[N, d]``, ``labels`` ``[N]`` -> float."""
+    from sklearn.metrics import silhouette_samples
+
+    lab = np.asarray(labels)
+    idx = np.arange(len(lab))
+    if len(idx) > sample:
+        idx = np.sort(np.random.default_rng(seed).choice(len(lab), size=sample, replace=False))
+    x, lab = np.asarray(features)[idx], lab[idx]
+    keep = lab >= 0
+    if len(np.unique(lab[keep])) < 2 or len(np.unique(lab[keep])) >= keep.sum():
+        return 0.0  # silhouette is undefined for fewer than 2 clusters or all singletons
+    return float(silhouette_samples(x[keep], lab[keep], metric="cosine").sum() / len(lab))
+
+
+def auto_k1(features: np.ndarray, *, k2: int, eps: float | Literal["auto"], min_samples: int,
+            eps_rho: float | Literal["reciprocal"] = "reciprocal", grid: tuple[int, ...] = AUTO_K1_GRID,
+            knn_backend: str = "auto", seed: int = 0) -> tuple[int, np.ndarray, dict]:
+    """``k1`` chosen from the data without labels: DBSCAN (with ``eps``, ``"auto"`` re-chosen for each k1)
+    on the Jaccard distance for every k1 of ``grid`` (clipped to N), keeping the clustering with the highest
+    :func:`clustering_silhouette` (ties: the smaller k1). A small k1 keeps only tight neighbourhoods (few,
+    pure clusters, many outliers), a large one merges identities; the silhouette over all images
+    penalises both, so the k1 follows the target's neighbourhood size. Returns ``(k1, labels [N] int64,
+    chosen)``, ``chosen`` = ``{"k1", "eps", ["eps_rho"], "k1_silhouette": {k1: score}}``."""
+    x = normalize_rows(features)
+    n = x.shape[0]
+    best: Optional[tuple[float, int, np.ndarray, dict]] = None
+    scores: dict[int, float] = {}
+    for k1 in sorted({min(int(k), n) for k in grid}):
+        ch: dict = {}
+        lab = pseudo_labels(x, "dbscan", k1=k1, k2=k2, eps=eps, min_samples=min_samples, eps_rho=eps_rho,
+                            knn_backend=knn_backend, chosen=ch)
+        scores[k1] = round(clustering_silhouette(x, lab, seed=seed), 6)
+        log.info("k1=auto: k1 %d -> %d clusters, %.1f%% outliers, eps %.3f, silhouette %.4f", k1,
+                 len(np.unique(lab[lab >= 0])), 100 * float((lab < 0).mean()), ch["eps"], scores[k1])
+        if best is None or scores[k1] > best[0]:
+            best = (scores[k1], k1, lab, ch)
+    assert best is not None
+    _, k1, lab, ch = best
+    return k1, lab, {**ch, "k1": k1, "k1_silhouette": scores}
+
+
 # ------------------------------------------------------------------------------------------ k-means
 def kmeans_labels(
     features: np.ndarray,
@@ -196,7 +248,7 @@ def pseudo_labels(
     features: np.ndarray,
     method: Method = "dbscan",
     *,
-    k1: int = 30,
+    k1: int | Literal["auto"] = 30,
     k2: int = 6,
     eps: float | Literal["auto"] = 0.6,
     min_samples: int = 4,
@@ -219,6 +271,8 @@ def pseudo_labels(
     ``eps="auto"``: eps chosen from the data without labels (:func:`auto_eps`, share ``eps_rho``); the
     values used are stored in ``chosen["eps"]`` (and ``chosen["eps_rho"]``) when a dict is given (a
     number eps is stored there too).
+    ``k1="auto"``: k1 chosen from the data without labels (:func:`auto_k1`; ``chosen["k1"]`` and
+    ``chosen["k1_silhouette"]``); a number k1 is stored in ``chosen["k1"]`` too.
     ``method="kmeans"``: MiniBatchKMeans with ``num_clusters`` clusters on the L2-normalised features
     (``kmeans_*``: batch size, max iterations, n_init, init_size), seeded with ``seed``; no outliers.
     Outliers are kept as -1: see :func:`apply_outlier_policy`.
@@ -226,6 +280,16 @@ def pseudo_labels(
     ``dbscan_s`` are stored in it. ``return_centres`` (kmeans only): return ``(labels, centres [K, d])``.
     """
     if method == "dbscan":
+        if k1 == "auto":
+            _, labels, found = auto_k1(features, k2=k2, eps=eps, min_samples=min_samples, eps_rho=eps_rho,
+                                       knn_backend=knn_backend, seed=seed)
+            if chosen is not None:
+                chosen.update(found)
+            return labels
+        if isinstance(k1, str):
+            raise ValueError(f"pseudo_labels: k1 must be an integer >= 1 or 'auto', got {k1!r}")
+        if chosen is not None:
+            chosen["k1"] = int(k1)
         if eps == "auto":
             eps, eps_rho, dist = auto_eps(features, k1=k1, k2=k2, rho=eps_rho, knn_backend=knn_backend,
                                           progress=progress, timings=timings)
@@ -271,9 +335,10 @@ def apply_outlier_policy(labels: np.ndarray, policy: OutlierPolicy) -> np.ndarra
 
 
 #: the per-label-set statistics of a round's clustering that are reported (run summary, MLflow): counts
-#: and quality from ``cluster_stats``, and the DBSCAN eps the cluster stage used (chosen with eps=auto)
+#: and quality from ``cluster_stats``, and the DBSCAN eps and k1 the cluster stage used (chosen with
+#: eps=auto / k1=auto)
 REPORTED_STATS = ("num_clusters", "outlier_ratio", "nmi", "ari", "nmi_camera", "pairwise_precision",
-                  "pairwise_recall", "eps", "eps_pairs_per_image")
+                  "pairwise_recall", "eps", "eps_pairs_per_image", "k1")
 
 
 def _run_lengths(keys: np.ndarray) -> np.ndarray:

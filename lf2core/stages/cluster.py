@@ -8,7 +8,9 @@
   ``cluster.camera_norm`` is ``center`` or ``standardise``): ``dbscan`` (sparse k-reciprocal
   Jaccard distance, k1/k2/eps/min_samples; ``eps: auto`` chooses eps per set and round from the
   unlabelled distances, ``lf2core.cluster.labels.auto_eps`` with ``eps_rho``; the value used is in the
-  stats as ``eps``, with ``eps_pairs_per_image`` = the share x (N - 1)) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
+  stats as ``eps``, with ``eps_pairs_per_image`` = the share x (N - 1); ``k1: auto`` chooses k1 per set and
+  round by the silhouette of the clustering, ``lf2core.cluster.labels.auto_k1``; the value used is in the
+  stats as ``k1``, the silhouette of every k1 tried as ``k1_silhouette``) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
   ``kmeans_batch_size``, ``kmeans_max_iter``, ``kmeans_n_init``, seed ``cfg.seed + round_index``).
   k-means init_size: ``cfg.cluster.kmeans_init_size`` for ``global`` and ``round(init_size * 900/1500)``
   for the parts, the ratio of the released code (1500 global / 900 parts). ``ground_truth``: every set
@@ -103,6 +105,9 @@ def cluster(cfg: Config, features: str, out: str, round_index: int = 0) -> dict[
             s["eps"] = round(chosen["eps"], 6)  # the value used (chosen from the data with eps=auto)
             if "eps_rho" in chosen:
                 s["eps_pairs_per_image"] = round(chosen["eps_rho"] * (n - 1), 3)
+            s["k1"] = int(chosen["k1"])  # the value used (chosen from the data with k1=auto)
+            if "k1_silhouette" in chosen:
+                s["k1_silhouette"] = {str(k): v for k, v in chosen["k1_silhouette"].items()}
         s["seconds"] = round(time.perf_counter() - t0, 3)
         stats[name] = s
         log.info("cluster %s: %d clusters, %.1f%% outliers (%.1fs)", name, s["num_clusters"],

@@ -69,6 +69,9 @@ CATALOGUE: tuple[Key, ...] = (
         "DBSCAN eps used for the label set (the configured value, or the one chosen with cluster.eps=auto)"),
     Key(rf"round/cluster/{_SET}/eps_pairs_per_image", "round", 4,
         "eps=auto: the share of pairs whose mean distance became eps, as pairs per image (share x (N - 1))"),
+    Key(rf"round/cluster/{_SET}/k1", "round", 0,
+        "k1 of the Jaccard distance used for the label set (the configured value, or the one chosen with "
+        "cluster.k1=auto)"),
     Key(r"round/finetune/loss", "round", 4, "total finetune loss, mean over the round's last epoch"),
     Key(r"round/finetune/ema_alpha", "round", 4,
         "mean-teacher EMA momentum actually used, mean over the round's last epoch: min(1 - 1/(t+1), "
