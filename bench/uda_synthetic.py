@@ -14,7 +14,10 @@ Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrid
   eps 0.6; ``lf2_kmeans``: k-means with K = the true number of target identities (200: NOT label-free, the
   paper's setting);
 - camera options on top of ``lf2_dbscan``: ``lf2_camera_norm`` (``cluster.camera_norm=center``) and
-  ``lf2_camera_proxy`` (``finetune.camera_proxy_weight``: inter-camera proxy contrastive loss);
+  ``lf2_camera_proxy`` (``finetune.camera_proxy_weight``: inter-camera proxy contrastive loss); combined:
+  ``lf2_camera_norm_eps06`` (centring with the paper's eps 0.6), ``lf2_camera_norm_proxy`` (centring and the
+  proxy loss), ``lf2_camera_norm_k1auto`` (centring, eps and k1 chosen from the data), and
+  ``lf2_camera_norm_eps06_12r`` (centring with eps 0.6 at 12 rounds: twice the fine-tuning budget);
 - ``lf2_true_labels``: LF2 fine-tuned on the TRUE target train ids (``cluster.method=ground_truth``): the
   ceiling of the fine-tuning recipe at this budget with perfect pseudo labels (not a UDA result);
 - ``lf2_kmeans_fusion`` (``--fusion``): LF2 with ``finetune.fusion_loss_weight=0.5`` (trained attention);
@@ -183,7 +186,7 @@ def _eps(c: dict[str, Any]) -> str:
     return "" if eps is None else f"{eps:.3f}"
 
 
-LABEL_STATS = (("num_clusters", "clusters", "{:.0f}"), ("eps", "eps", "{:.3f}"), ("outlier_ratio", "outliers", "{:.0%}"),
+LABEL_STATS = (("num_clusters", "clusters", "{:.0f}"), ("k1", "k1", "{:.0f}"), ("eps", "eps", "{:.3f}"), ("outlier_ratio", "outliers", "{:.0%}"),
                ("pairwise_precision", "pair precision", "{:.2f}"), ("pairwise_recall", "pair recall", "{:.2f}"),
                ("nmi", "NMI", "{:.3f}"))
 
@@ -302,16 +305,17 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
         if m not in s0:
             continue
         lines += [f"### {m}", "",
-                  "| round | set | clusters | eps | outliers | NMI | ARI | pair precision | pair recall | NMI vs camera "
-                  "| teacher mAP after round |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| round | set | clusters | k1 | eps | outliers | NMI | ARI | pair precision | pair recall | "
+                  "NMI vs camera | teacher mAP after round |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s0[m]["rounds"]:
             sets = ["global"] if m.startswith("mt_global") else ["global", "upper", "lower"]
             for k, sname in enumerate(sets):
                 c = r["cluster"].get(sname, {})
                 ev = f"{100 * r['eval']['mAP']:.1f}" if "eval" in r and k == 0 else ""
                 lines.append(
-                    f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | {_eps(c)} | "
+                    f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | {c.get('k1', '')} | "
+                    f"{_eps(c)} | "
                     f"{100 * c.get('outlier_ratio', 0):.0f}% | {c.get('nmi', float('nan')):.3f} | "
                     f"{c.get('ari', float('nan')):.3f} | {c.get('pairwise_precision', float('nan')):.3f} | "
                     f"{c.get('pairwise_recall', float('nan')):.3f} | {c.get('nmi_camera', float('nan')):.3f} | {ev} |")
