@@ -55,7 +55,6 @@ from lf2core.config import load_config  # noqa: E402
 
 log = logging.getLogger("bench.uda")
 
-METHODS = ("source_only", "mt_global", "lf2_kmeans", "lf2_dbscan", "oracle")
 
 #: every method starts from the paper's clustering settings (k-means; eps 0.6 when DBSCAN; no camera
 #: normalisation), not from the demo's defaults, so a change of the demo recipe does not change what a method is
@@ -257,7 +256,9 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 
 
 def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png: Path) -> tuple[str, dict]:
-    methods = [m for m in (*METHODS, *(r for r in RUNS if r not in METHODS)) if all(m in r for r in per_seed.values())]
+    # source-only first, then the adaptation methods, then the references (true-label ceiling, oracle)
+    order = ("source_only", *(r for r in RUNS if r not in NOT_UDA), *NOT_UDA, "oracle")
+    methods = [m for m in order if all(m in r for r in per_seed.values())]
     agg: dict[str, dict[str, float]] = {}
     for m in methods:
         vals = [per_seed[s][m]["metrics"] for s in per_seed]
