@@ -17,7 +17,8 @@ Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrid
   ``lf2_camera_proxy`` (``finetune.camera_proxy_weight``: inter-camera proxy contrastive loss); combined:
   ``lf2_camera_norm_eps06`` (centring with the paper's eps 0.6), ``lf2_camera_norm_proxy`` (centring and the
   proxy loss), ``lf2_camera_norm_k1auto`` (centring, eps and k1 chosen from the data), and
-  ``lf2_camera_norm_eps06_12r`` (centring with eps 0.6 at 12 rounds: twice the fine-tuning budget);
+  ``lf2_camera_norm_eps06_12r`` (centring with eps 0.6 at 12 rounds: twice the fine-tuning budget), and
+  ``mt_global_camera_norm_eps06`` (the global-only mean teacher with ``lf2_camera_norm_eps06``'s clustering);
 - ``lf2_true_labels``: LF2 fine-tuned on the TRUE target train ids (``cluster.method=ground_truth``): the
   ceiling of the fine-tuning recipe at this budget with perfect pseudo labels (not a UDA result);
 - ``lf2_kmeans_fusion`` (``--fusion``): LF2 with ``finetune.fusion_loss_weight=0.5`` (trained attention);
@@ -70,6 +71,9 @@ RUNS = {  # name -> config overrides on top of the demo recipe + BASE (and --set
     "lf2_camera_norm_eps06": ["cluster.method=dbscan", "cluster.eps=0.6", "cluster.camera_norm=center"],
     "lf2_camera_norm_proxy": [*LABEL_FREE, "cluster.camera_norm=center", "finetune.camera_proxy_weight=0.5"],
     "lf2_camera_norm_k1auto": [*LABEL_FREE, "cluster.camera_norm=center", "cluster.k1=auto"],
+    # the global-only mean teacher with the best label-free labels: do the part branches help there?
+    "mt_global_camera_norm_eps06": ["finetune.variant=mt_global", "cluster.method=dbscan", "cluster.eps=0.6",
+                                    "cluster.camera_norm=center"],
     # the same recipe at twice the fine-tuning budget (12 rounds): how far the curve still goes
     "lf2_camera_norm_eps06_12r": ["cluster.method=dbscan", "cluster.eps=0.6", "cluster.camera_norm=center",
                                   "finetune.rounds=12"],
@@ -94,7 +98,7 @@ def seed_tasks(fusion: bool, skip: tuple[str, ...] = ()) -> dict[str, list[str]]
 # a 6-round fine-tuning run 3.5-6.5 min; see docs/benchmarks.md); seeds in order, so a run cut short
 # leaves whole seeds
 PRIORITY = ("pretrain", "oracle_pretrain", "lf2_camera_norm_eps06_12r", "lf2_kmeans_fusion", "lf2_camera_norm_proxy", "lf2_camera_proxy",
-            "lf2_camera_norm_eps06", "lf2_camera_norm_k1auto", "lf2_kmeans", "lf2_dbscan",
+            "lf2_camera_norm_eps06", "lf2_camera_norm_k1auto", "mt_global_camera_norm_eps06", "lf2_kmeans", "lf2_dbscan",
             "lf2_dbscan_eps06", "lf2_camera_norm", "lf2_true_labels", "mt_global")
 
 
@@ -226,7 +230,8 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
     colors = {"mt_global": "#9467bd", "lf2_kmeans": "#1f77b4", "lf2_dbscan": "#2ca02c", "lf2_dbscan_eps06": "#bcbd22",
               "lf2_camera_norm": "#17becf", "lf2_camera_proxy": "#d62728", "lf2_kmeans_fusion": "#ff7f0e",
               "lf2_camera_norm_eps06": "#8c564b", "lf2_camera_norm_proxy": "#e377c2",
-              "lf2_camera_norm_k1auto": "#000080", "lf2_camera_norm_eps06_12r": "#2f4f4f", "lf2_true_labels": "#7f7f7f"}
+              "lf2_camera_norm_k1auto": "#000080", "lf2_camera_norm_eps06_12r": "#2f4f4f",
+              "mt_global_camera_norm_eps06": "#c5b0d5", "lf2_true_labels": "#7f7f7f"}
     seed = sorted(per_seed)[0]
     res = per_seed[seed]
     for name, col in colors.items():
@@ -343,6 +348,7 @@ LABELS = {
     "lf2_camera_norm_proxy": "LF² + DBSCAN auto + camera_norm + camera proxy loss",
     "lf2_camera_norm_k1auto": "LF² + DBSCAN auto, k1=auto + camera_norm",
     "lf2_camera_norm_eps06_12r": "LF² + DBSCAN eps 0.6 + camera_norm, 12 rounds",
+    "mt_global_camera_norm_eps06": "mean teacher, global only, same DBSCAN eps 0.6 + camera_norm",
     "lf2_true_labels": "LF² on the true target ids (ceiling, not UDA)", "lf2_kmeans_fusion": "LF² + k-means + fusion loss",
 }
 
