@@ -14,13 +14,14 @@ lf2core knows nothing above itself: commands owned by other packages (``lf2 pipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, SynthConfig, load_config
 from .errors import Lf2Error
 from .stages.table import STAGES, SYNTHETIC_DATA, Stage
 
@@ -184,8 +185,9 @@ def _add_data(sub: Any) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layout", choices=["market1501", "msmt17"], default="market1501",
                    help="folder layout and names (default market1501; msmt17: V1 list files, no distractors)")
-    p.add_argument("--version", choices=["1.1", "1.2"], default="1.2",
-                   help="generator version (default 1.2, Market-shaped; 1.1: the earlier, easier pair)")
+    version = next(f for f in dataclasses.fields(SynthConfig) if f.name == "version")  # the config's choices
+    p.add_argument("--version", choices=version.metadata["range"]["choices"], default=version.default,
+                   help=f"generator version (default {version.default}, Market-shaped; 1.1: the earlier, easier pair)")
     p.set_defaults(func=_data_synth)
     p = data.add_parser("check", help="print split statistics; non-zero exit naming each bad file")
     p.add_argument("root")

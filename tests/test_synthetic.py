@@ -242,3 +242,12 @@ def test_config_versions_are_the_generators() -> None:
     with pytest.raises(ValueError, match="data.synth.version"):
         load_config("demo", ["data.synth.version=1.0"])
     assert load_config("demo", ["data.synth.version=1.1"]).data.synth.version in synthetic.VERSIONS
+    # every version the generator has is accepted by the config and by `lf2 data synth --version`
+    for v in synthetic.VERSIONS:
+        assert load_config("demo", [f"data.synth.version={v}"]).data.synth.version == v
+    from lf2core.cli import build_parser
+
+    parser = build_parser()
+    for v in synthetic.VERSIONS:
+        assert parser.parse_args(["data", "synth", "--domain", "b", "--out", "x", "--version", v]).version == v
+    assert parser.parse_args(["data", "synth", "--domain", "b", "--out", "x"]).version == synthetic.GENERATOR_VERSION
