@@ -2,7 +2,7 @@
 options), LF2 on true labels, oracle.
 
     python bench/uda_synthetic.py --out docs/results.md --json runs/uda.json [--work runs/uda] [--seeds 1 2 3]
-        [--set finetune.rounds=8 ...] [--skip lf2_camera_proxy ...] [--fusion] [--jobs 2] [--threads 1]
+        [--set finetune.rounds=8 ...] [--skip lf2_camera_proxy ...] [--fusion] [--long] [--jobs 2] [--threads 1]
 
 Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrides, the same for all, e.g.
 ``--set data.synth.version=1.1`` for the earlier generator) and the same stage functions as the pipeline:
@@ -17,8 +17,10 @@ Every method uses the demo recipe (configs/demo.yaml, plus the ``--set`` overrid
   ``lf2_camera_proxy`` (``finetune.camera_proxy_weight``: inter-camera proxy contrastive loss); combined:
   ``lf2_camera_norm_eps06`` (centring with the paper's eps 0.6), ``lf2_camera_norm_proxy`` (centring and the
   proxy loss), ``lf2_camera_norm_k1auto`` (centring, eps and k1 chosen from the data), and
-  ``lf2_camera_norm_eps06_12r`` (centring with eps 0.6 at 12 rounds: twice the fine-tuning budget), and
   ``mt_global_camera_norm_eps06`` (the global-only mean teacher with ``lf2_camera_norm_eps06``'s clustering);
+- ``lf2_camera_norm_eps06_24r`` (``--long``): ``lf2_camera_norm_eps06`` at 24 rounds, four times the
+  fine-tuning budget (its per-round curve gives the 12-round figure too: a round depends only on the rounds
+  before it);
 - ``lf2_true_labels``: LF2 fine-tuned on the TRUE target train ids (``cluster.method=ground_truth``): the
   ceiling of the fine-tuning recipe at this budget with perfect pseudo labels (not a UDA result);
 - ``lf2_kmeans_fusion`` (``--fusion``): LF2 with ``finetune.fusion_loss_weight=0.5`` (trained attention);
@@ -74,22 +76,22 @@ RUNS = {  # name -> config overrides on top of the demo recipe + BASE (and --set
     # the global-only mean teacher with the best label-free labels: do the part branches help there?
     "mt_global_camera_norm_eps06": ["finetune.variant=mt_global", "cluster.method=dbscan", "cluster.eps=0.6",
                                     "cluster.camera_norm=center"],
-    # the same recipe at twice the fine-tuning budget (12 rounds): how far the curve still goes
-    "lf2_camera_norm_eps06_12r": ["cluster.method=dbscan", "cluster.eps=0.6", "cluster.camera_norm=center",
-                                  "finetune.rounds=12"],
+    # the same recipe at four times the fine-tuning budget (--long): how far the curve still goes
+    "lf2_camera_norm_eps06_24r": ["cluster.method=dbscan", "cluster.eps=0.6", "cluster.camera_norm=center",
+                                  "finetune.rounds=24"],
     "lf2_true_labels": ["cluster.method=ground_truth"],
     "lf2_kmeans_fusion": ["cluster.method=kmeans", "finetune.fusion_loss_weight=0.5"],
 }
-OPTIONAL = {"lf2_kmeans_fusion": "fusion"}
+OPTIONAL = {"lf2_kmeans_fusion": "fusion", "lf2_camera_norm_eps06_24r": "long"}  # run -> the flag that adds it
 NOT_UDA = {"lf2_true_labels": "ceiling: true target ids"}
 
 
-def seed_tasks(fusion: bool, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
+def seed_tasks(extras: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """The work of one seed as ``{task: [tasks it needs]}`` (each task is one process-sized unit)."""
     tasks = {"prepare": [], "pretrain": ["prepare"], "source_only_eval": ["pretrain"],
              "oracle_pretrain": ["prepare"], "oracle_eval": ["oracle_pretrain"]}
     for name in RUNS:
-        if name not in skip and (fusion or OPTIONAL.get(name) != "fusion"):
+        if name not in skip and OPTIONAL.get(name, "") in ("", *extras):
             tasks[name] = ["pretrain"]
     return tasks
 
@@ -97,9 +99,10 @@ def seed_tasks(fusion: bool, skip: tuple[str, ...] = ()) -> dict[str, list[str]]
 # within a seed, longest first when several are ready (quiet 2-core machine, 1 thread: pretrain 4-5.5 min,
 # a 6-round fine-tuning run 3.5-6.5 min; see docs/benchmarks.md); seeds in order, so a run cut short
 # leaves whole seeds
-PRIORITY = ("pretrain", "oracle_pretrain", "lf2_camera_norm_eps06_12r", "lf2_kmeans_fusion", "lf2_camera_norm_proxy", "lf2_camera_proxy",
-            "lf2_camera_norm_eps06", "lf2_camera_norm_k1auto", "mt_global_camera_norm_eps06", "lf2_kmeans", "lf2_dbscan",
-            "lf2_dbscan_eps06", "lf2_camera_norm", "lf2_true_labels", "mt_global")
+PRIORITY = ("pretrain", "oracle_pretrain", "lf2_camera_norm_eps06_24r", "lf2_kmeans_fusion",
+            "lf2_camera_norm_proxy", "lf2_camera_proxy", "lf2_camera_norm_eps06", "lf2_camera_norm_k1auto",
+            "mt_global_camera_norm_eps06", "lf2_kmeans", "lf2_dbscan", "lf2_dbscan_eps06", "lf2_camera_norm",
+            "lf2_true_labels", "mt_global")
 
 
 def run_task(seed: int, task: str, work: str, overrides: list[str], threads: int) -> tuple[Any, float]:
@@ -150,13 +153,13 @@ def _worker_init() -> None:
     os.environ.setdefault("LF2_PROGRESS", "0")
 
 
-def run_all(seeds: list[int], work: Path, overrides: list[str], fusion: bool, jobs: int,
+def run_all(seeds: list[int], work: Path, overrides: list[str], extras: tuple[str, ...], jobs: int,
             threads: int, skip: tuple[str, ...] = ()) -> dict[int, dict[str, Any]]:
     """Every task of every seed on ``jobs`` worker processes, each task once its inputs are done."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    graph = {(s, t): [(s, d) for d in deps] for s in seeds for t, deps in seed_tasks(fusion, skip).items()}
+    graph = {(s, t): [(s, d) for d in deps] for s in seeds for t, deps in seed_tasks(extras, skip).items()}
     rank = {t: i for i, t in enumerate(PRIORITY)}
     done: set[tuple[int, str]] = set()
     per_seed: dict[int, dict[str, Any]] = {s: {"_seconds": {}} for s in seeds}
@@ -189,7 +192,8 @@ def _eps(c: dict[str, Any]) -> str:
     return "" if eps is None else f"{eps:.3f}"
 
 
-LABEL_STATS = (("num_clusters", "clusters", "{:.0f}"), ("k1", "k1", "{:.0f}"), ("eps", "eps", "{:.3f}"), ("outlier_ratio", "outliers", "{:.0%}"),
+LABEL_STATS = (("num_clusters", "clusters", "{:.0f}"), ("k1", "k1", "{:.0f}"), ("eps", "eps", "{:.3f}"),
+               ("outlier_ratio", "outliers", "{:.0%}"),
                ("pairwise_precision", "pair precision", "{:.2f}"), ("pairwise_recall", "pair recall", "{:.2f}"),
                ("nmi", "NMI", "{:.3f}"))
 
@@ -230,7 +234,7 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
     colors = {"mt_global": "#9467bd", "lf2_kmeans": "#1f77b4", "lf2_dbscan": "#2ca02c", "lf2_dbscan_eps06": "#bcbd22",
               "lf2_camera_norm": "#17becf", "lf2_camera_proxy": "#d62728", "lf2_kmeans_fusion": "#ff7f0e",
               "lf2_camera_norm_eps06": "#8c564b", "lf2_camera_norm_proxy": "#e377c2",
-              "lf2_camera_norm_k1auto": "#000080", "lf2_camera_norm_eps06_12r": "#2f4f4f",
+              "lf2_camera_norm_k1auto": "#000080", "lf2_camera_norm_eps06_24r": "#2f4f4f",
               "mt_global_camera_norm_eps06": "#c5b0d5", "lf2_true_labels": "#7f7f7f"}
     seed = sorted(per_seed)[0]
     res = per_seed[seed]
@@ -320,7 +324,8 @@ def report(per_seed: dict[int, dict], args: argparse.Namespace, wall: float, png
                 c = r["cluster"].get(sname, {})
                 ev = f"{100 * r['eval']['mAP']:.1f}" if "eval" in r and k == 0 else ""
                 lines.append(
-                    f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | {c.get('k1', '')} | "
+                    f"| {r['round'] + 1 if k == 0 else ''} | {sname} | {c.get('num_clusters', '')} | "
+                    f"{c.get('k1', '')} | "
                     f"{_eps(c)} | "
                     f"{100 * c.get('outlier_ratio', 0):.0f}% | {c.get('nmi', float('nan')):.3f} | "
                     f"{c.get('ari', float('nan')):.3f} | {c.get('pairwise_precision', float('nan')):.3f} | "
@@ -347,7 +352,7 @@ LABELS = {
     "lf2_camera_norm_eps06": "LF² + DBSCAN eps 0.6 + camera_norm",
     "lf2_camera_norm_proxy": "LF² + DBSCAN auto + camera_norm + camera proxy loss",
     "lf2_camera_norm_k1auto": "LF² + DBSCAN auto, k1=auto + camera_norm",
-    "lf2_camera_norm_eps06_12r": "LF² + DBSCAN eps 0.6 + camera_norm, 12 rounds",
+    "lf2_camera_norm_eps06_24r": "LF² + DBSCAN eps 0.6 + camera_norm, 24 rounds (4x budget)",
     "mt_global_camera_norm_eps06": "mean teacher, global only, same DBSCAN eps 0.6 + camera_norm",
     "lf2_true_labels": "LF² on the true target ids (ceiling, not UDA)", "lf2_kmeans_fusion": "LF² + k-means + fusion loss",
 }
@@ -390,6 +395,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--set", "-s", action="append", default=[], help="config override for every method")
     p.add_argument("--fusion", action="store_true", help="also LF2 with a fusion loss (trained attention)")
+    p.add_argument("--long", action="store_true",
+                   help="also the best recipe at 24 rounds (lf2_camera_norm_eps06_24r: ~32 more task-minutes a seed)")
     p.add_argument("--skip", nargs="+", default=[], choices=sorted(RUNS), help="leave these methods out")
     p.add_argument("--readme", default=None, help="also rewrite this README's results block from the JSON")
     p.add_argument("--readme-only", action="store_true",
@@ -409,7 +416,8 @@ def main() -> int:
         update_readme(Path(args.readme), json.loads(Path(args.json).read_text()))
         return 0
     t0 = time.time()
-    per_seed = run_all(args.seeds, Path(args.work), args.set, args.fusion, args.jobs, args.threads,
+    extras = tuple(flag for flag in ("fusion", "long") if getattr(args, flag))
+    per_seed = run_all(args.seeds, Path(args.work), args.set, extras, args.jobs, args.threads,
                        tuple(args.skip))
     wall = time.time() - t0
     out_md = Path(args.out)

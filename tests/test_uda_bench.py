@@ -48,9 +48,10 @@ def test_readme_without_markers_is_refused_untouched(tmp_path: Path) -> None:
 
 
 def test_seed_tasks_skip_and_fusion() -> None:
-    tasks = bench.seed_tasks(fusion=False, skip=("lf2_camera_proxy",))
+    tasks = bench.seed_tasks(skip=("lf2_camera_proxy",))
     assert "lf2_camera_proxy" not in tasks and "lf2_kmeans_fusion" not in tasks
+    assert "lf2_camera_norm_eps06_24r" not in tasks and "lf2_camera_norm_eps06_24r" in bench.seed_tasks(("long",))
     assert tasks["mt_global"] == ["pretrain"] and tasks["oracle_eval"] == ["oracle_pretrain"]
-    assert "lf2_kmeans_fusion" in bench.seed_tasks(fusion=True)
+    assert "lf2_kmeans_fusion" in bench.seed_tasks(("fusion",))
     # mt_global uses exactly lf2_dbscan's clustering
     assert [o for o in bench.RUNS["mt_global"] if o.startswith("cluster.")] == bench.RUNS["lf2_dbscan"]
