@@ -180,7 +180,8 @@ def auto_k1(features: np.ndarray, *, k2: int, eps: float | Literal["auto"], min_
     on the Jaccard distance for every k1 of ``grid`` (clipped to N), keeping the clustering with the highest
     :func:`clustering_silhouette` (ties: the smaller k1). A small k1 keeps only tight neighbourhoods (few,
     pure clusters, many outliers), a large one merges identities; the silhouette over all images
-    penalises both, so the k1 follows the target's neighbourhood size. Returns ``(k1, labels [N] int64,
+    penalises both. On well-separated identities the k1 chosen grows with their size; on features that
+    group by camera it picks a small k1 whose clusters stay inside cameras (docs/method.md). Returns ``(k1, labels [N] int64,
     chosen)``, ``chosen`` = ``{"k1", "eps", ["eps_rho"], "k1_silhouette": {k1: score}}``."""
     x = normalize_rows(features)
     n = x.shape[0]
