@@ -27,8 +27,9 @@ from lf2core.stages.extract import extract_features
 from lf2core.stages.prepare import prepare_data
 from lf2core.stages.pretrain import pretrain_source
 
+# cluster.eps=auto: on these few ids the demo's eps 0.6 can put every image in one cluster
 TINY = [
-    "data.synth.ids=6", "data.synth.test_ids=4", "data.synth.height=64", "data.synth.width=32",
+    "cluster.eps=auto", "data.synth.ids=6", "data.synth.test_ids=4", "data.synth.height=64", "data.synth.width=32",
     "data.height=32", "data.width=16", "data.num_workers=0", "pretrain.epochs=1", "pretrain.iters_per_epoch=2",
     "pretrain.batch_size=8", "pretrain.num_instances=2", "pretrain.warmup_epochs=0", "pretrain.milestones=[]",
     "pretrain.eval_every=0", "eval.batch_size=64", "device=cpu",
