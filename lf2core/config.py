@@ -98,7 +98,7 @@ class ClusterConfig:
     method: Literal["kmeans", "dbscan", "ground_truth"] = "kmeans"
     num_clusters: int = _f(700, ge=2)  # kmeans K (paper: 700 D->M, 900 M->D)
     # k1 = size of the initial neighbour lists of the Jaccard distance; auto (DBSCAN): chosen each round from
-    # 10..40 by the silhouette of the resulting clustering (lf2core.cluster.labels.auto_k1), no labels
+    # 10..40 by the silhouette of the resulting clustering (lf2core.cluster.settings.auto_k1), no labels
     k1: int | Literal["auto"] = _f(30, ge=1)
     k2: int = _f(6, ge=1)
     eps: float | Literal["auto"] = _f(0.6, gt=0, lt=1)  # auto: MMT's rule, the mean of the smallest eps_rho

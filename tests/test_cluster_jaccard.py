@@ -331,7 +331,7 @@ def test_rho_eps_of_a_pruned_matrix_is_undetermined_when_too_few_pairs_stored(fe
 
 
 def test_auto_eps_labels_equal_dbscan_on_the_full_matrix_and_the_cap_fallback(feats, references, monkeypatch):
-    from lf2core.cluster import labels as lab
+    from lf2core.cluster import settings as lab  # where auto_eps reads its cap
 
     dense = references[(30, 6)][0]
     rho = 1e-2

@@ -7,9 +7,9 @@
 - each feature set is clustered independently with ``cfg.cluster`` (after ``camera_normalised`` when
   ``cluster.camera_norm`` is ``center`` or ``standardise``): ``dbscan`` (sparse k-reciprocal
   Jaccard distance, k1/k2/eps/min_samples; ``eps: auto`` chooses eps per set and round from the
-  unlabelled distances, ``lf2core.cluster.labels.auto_eps`` with ``eps_rho``; the value used is in the
+  unlabelled distances, ``lf2core.cluster.settings.auto_eps`` with ``eps_rho``; the value used is in the
   stats as ``eps``, with ``eps_pairs_per_image`` = the share x (N - 1); ``k1: auto`` chooses k1 per set and
-  round by the silhouette of the clustering, ``lf2core.cluster.labels.auto_k1``; the value used is in the
+  round by the silhouette of the clustering, ``lf2core.cluster.settings.auto_k1``; the value used is in the
   stats as ``k1``, the silhouette of every k1 tried as ``k1_silhouette``) or ``kmeans`` (MiniBatchKMeans, ``num_clusters`` K,
   ``kmeans_batch_size``, ``kmeans_max_iter``, ``kmeans_n_init``, seed ``cfg.seed + round_index``).
   k-means init_size: ``cfg.cluster.kmeans_init_size`` for ``global`` and ``round(init_size * 900/1500)``
